@@ -1,0 +1,5 @@
+"""``python -m napari_unetquant``: the same command line as ``unetquant``."""
+
+from .cli import main
+
+raise SystemExit(main())

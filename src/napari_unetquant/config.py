@@ -1,0 +1,299 @@
+"""Frozen, validated configuration values.
+
+Configs import no torch, so the CLI and the napari widgets can build and check them cheaply.
+Every field is checked in ``__post_init__`` and a bad value raises ``ValueError`` with a message
+that names the value and the fix.
+
+Bit accounting
+--------------
+A width of ``b`` bits means ``b`` *stored* bits, sign included, so at most ``2**b`` levels.
+A fixed-point format Q(i.f) stores ``1 + i + f`` bits (sign, integer and fractional bits): the
+paper's weight format Q0.4 stores 5 bits and its activation format Q6.0 stores 7 bits, not the 4
+and 6 the paper counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+FLOAT_BITS = 32
+METHODS = ("float", "fixed", "lsq", "ternary", "binary")
+DYNAMIC_RULES = ("max", "mse")
+_FORMAT_RE = re.compile(r"^Q(-?\d+)\.(-?\d+)$")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How one tensor (a layer's weights or its input activations) is quantized.
+
+    Parameters
+    ----------
+    method
+        ``"float"`` (no quantization, 32 bits), ``"fixed"`` (sign-magnitude fixed point),
+        ``"lsq"`` (learned step size), ``"ternary"`` (TWN / TernaryNet style) or ``"binary"``.
+    bits
+        Stored bits, sign included. ``float``: 32; ``ternary``: 2; ``binary``: 1;
+        ``fixed``: 2..8 (2..16 with an explicit format); ``lsq``: 2..8.
+    int_bits, frac_bits
+        Only for ``fixed``: an explicit Q(int_bits.frac_bits) format shared by all layers, as in
+        the paper. Both ``None`` selects dynamic fixed point: each layer picks its own split of
+        ``bits - 1`` magnitude bits from its tensor's range (still power-of-two steps).
+    dynamic_rule
+        Dynamic fixed point only: ``"max"`` picks the finest step whose range covers the largest
+        magnitude; ``"mse"`` also tries one and two finer steps (clipping outliers) and keeps the
+        one with the smallest squared error.
+    clip_gradient
+        Zero the straight-through gradient where the input lies outside the representable range.
+    power_of_two
+        Only for ``lsq``: round the learned step to a power of two (shift-only arithmetic).
+    signed
+        Whether negative values are representable. Unsigned formats spend no bit on a sign.
+    """
+
+    method: str = "float"
+    bits: int = FLOAT_BITS
+    int_bits: int | None = None
+    frac_bits: int | None = None
+    dynamic_rule: str = "mse"
+    clip_gradient: bool = False
+    power_of_two: bool = False
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantizer method {self.method!r}; choose one of {METHODS}")
+        if self.dynamic_rule not in DYNAMIC_RULES:
+            raise ValueError(
+                f"unknown dynamic_rule {self.dynamic_rule!r}; choose one of {DYNAMIC_RULES}"
+            )
+        if (self.int_bits is None) != (self.frac_bits is None):
+            raise ValueError("give both int_bits and frac_bits (a Q(i.f) format) or neither")
+        if self.int_bits is not None and self.method != "fixed":
+            raise ValueError(f"a Q(i.f) format needs method 'fixed', not {self.method!r}")
+        if self.power_of_two and self.method != "lsq":
+            raise ValueError("power_of_two applies to the learned-step quantizer only: use 'lsq'")
+        if not self.signed and self.method in ("ternary", "binary"):
+            raise ValueError(f"{self.method} values are signed by definition; drop signed=False")
+        self._check_bits()
+
+    def _check_bits(self) -> None:
+        fixed_width = {"float": FLOAT_BITS, "ternary": 2, "binary": 1}
+        if self.method in fixed_width:
+            expected = fixed_width[self.method]
+            if self.bits != expected:
+                raise ValueError(
+                    f"{self.method} stores {expected} bits, got bits={self.bits}; "
+                    f"use bits={expected} or another method"
+                )
+            return
+        if self.int_bits is not None and self.frac_bits is not None:
+            width = self.int_bits + self.frac_bits + int(self.signed)
+            if width != self.bits:
+                raise ValueError(
+                    f"format {self.format_name} stores {width} bits but bits={self.bits}; "
+                    f"use QuantizerConfig.from_format({self.format_name!r})"
+                )
+            if not 2 <= width <= 16 or self.int_bits + self.frac_bits < 1:
+                raise ValueError(
+                    f"format {self.format_name} stores {width} bits; use 2 to 16 stored bits"
+                )
+            return
+        if not 2 <= self.bits <= 8:
+            hint = " (1 bit: use method 'binary')" if self.bits == 1 else ""
+            raise ValueError(
+                f"{self.method} quantizer needs 2 to 8 stored bits, got {self.bits}{hint}; "
+                f"use 32 with method 'float' for full precision"
+            )
+
+    @property
+    def is_float(self) -> bool:
+        return self.method == "float"
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True for fixed point whose format each layer chooses from its tensor's range."""
+        return self.method == "fixed" and self.int_bits is None
+
+    @property
+    def format_name(self) -> str | None:
+        """``"Q0.4"`` for an explicit fixed-point format, else ``None``."""
+        if self.int_bits is None:
+            return None
+        return f"Q{self.int_bits}.{self.frac_bits}"
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name, e.g. ``fixed4``, ``Q0.4``, ``lsq4-pow2``, ``float``."""
+        if self.format_name is not None:
+            return self.format_name
+        if self.method in ("float", "ternary", "binary"):
+            return self.method
+        suffix = "-pow2" if self.power_of_two else ""
+        suffix += "u" if not self.signed else ""
+        return f"{self.method}{self.bits}{suffix}"
+
+    @classmethod
+    def from_format(cls, name: str, *, clip_gradient: bool = False) -> QuantizerConfig:
+        """A signed fixed-point quantizer from a format name such as ``"Q0.4"`` or ``"Q6.0"``."""
+        match = _FORMAT_RE.match(name.strip())
+        if match is None:
+            raise ValueError(
+                f"fixed-point format {name!r} is not of the form Q<int>.<frac>, e.g. 'Q0.4' "
+                f"(weights) or 'Q6.0' (activations)"
+            )
+        int_bits, frac_bits = int(match.group(1)), int(match.group(2))
+        if int_bits < 0 or frac_bits < 0:
+            raise ValueError(
+                f"format {name!r} has a negative bit count; use Q<i>.<f> with i, f >= 0"
+            )
+        return cls(
+            method="fixed",
+            bits=1 + int_bits + frac_bits,
+            int_bits=int_bits,
+            frac_bits=frac_bits,
+            clip_gradient=clip_gradient,
+        )
+
+    @classmethod
+    def from_bits(cls, method: str, bits: int) -> QuantizerConfig:
+        """A quantizer of ``method`` with ``bits`` stored bits; ``bits == 32`` is full precision."""
+        if bits == FLOAT_BITS:
+            return FLOAT
+        return cls(method=method, bits=bits)
+
+
+FLOAT = QuantizerConfig()
+PAPER_WEIGHT_FORMAT = "Q0.4"
+PAPER_ACT_FORMAT = "Q6.0"
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer quantization: ``pattern`` is a layer name or an fnmatch glob (``"dec*.conv2"``).
+
+    ``weight`` and ``act`` replace the network-wide settings for matching layers; ``None`` keeps
+    them. ``act`` quantizes the layer's *input* activations.
+    """
+
+    pattern: str
+    weight: QuantizerConfig | None = None
+    act: QuantizerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ValueError("a LayerOverride needs a layer name or glob pattern, e.g. 'enc2.*'")
+        if self.weight is None and self.act is None:
+            raise ValueError(f"override {self.pattern!r} sets neither weight nor act; drop it")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Network-wide quantization with per-layer exceptions.
+
+    Each convolution quantizes its weights with ``weight`` and its input activations with
+    ``act``. Layers matching ``edge_layers`` (by default the first encoder block and the final
+    convolution, as in the paper) use ``edge_precision`` for both instead; set
+    ``edge_layers=()`` to quantize them too. ``overrides`` are applied last, in order.
+    """
+
+    weight: QuantizerConfig = FLOAT
+    act: QuantizerConfig = FLOAT
+    edge_layers: tuple[str, ...] = ("enc1.*", "head")
+    edge_precision: QuantizerConfig = FLOAT
+    overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name, value in (("weight", self.weight), ("act", self.act)):
+            if not isinstance(value, QuantizerConfig):
+                raise ValueError(f"QuantConfig.{name} must be a QuantizerConfig, got {value!r}")
+        if isinstance(self.edge_layers, str):
+            raise ValueError(
+                f"edge_layers must be a tuple of patterns, e.g. ({self.edge_layers!r},)"
+            )
+
+    @property
+    def is_float(self) -> bool:
+        return (
+            self.weight.is_float
+            and self.act.is_float
+            and not any(
+                not (o.weight or FLOAT).is_float or not (o.act or FLOAT).is_float
+                for o in self.overrides
+            )
+        )
+
+    @property
+    def label(self) -> str:
+        """``FP``, ``W4A6`` (fixed point), ``W4A4-lsq``, ``Q0.4/Q6.0``, ``ternary``..."""
+        weight, act = self.weight, self.act
+        if weight.is_float and act.is_float:
+            return "FP"
+        if weight.format_name or act.format_name:
+            return f"{weight.label}/{act.label}"
+        if weight.method == act.method and weight.method in ("ternary", "binary"):
+            return weight.method
+        method = weight.method if not weight.is_float else act.method
+        suffix = "" if method == "fixed" else f"-{method}"
+        return f"W{weight.bits}A{act.bits}{suffix}"
+
+    @classmethod
+    def from_bits(cls, weight_bits: int, act_bits: int, method: str = "fixed") -> QuantConfig:
+        """Stored-bit budgets such as W4A6; ternary and binary ignore the numbers' meaning."""
+        return cls(
+            weight=QuantizerConfig.from_bits(method, weight_bits),
+            act=QuantizerConfig.from_bits(method, act_bits),
+        )
+
+    @classmethod
+    def paper(cls) -> QuantConfig:
+        """The paper's exact formats: weights Q0.4 (5 stored bits), activations Q6.0 (7)."""
+        return cls(
+            weight=QuantizerConfig.from_format(PAPER_WEIGHT_FORMAT),
+            act=QuantizerConfig.from_format(PAPER_ACT_FORMAT),
+        )
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The paper's 2D U-Net, sized by configuration.
+
+    Encoder level ``k`` (1-based) has ``base_width * 2**(k-1)`` channels; ``depth`` is the number
+    of pooling levels (the paper: 3, widths 64-128-256, bottleneck 256). The bottleneck keeps the
+    deepest encoder width; each decoder level upsamples bilinearly, concatenates the skip and
+    returns to that level's width. ``out_classes`` logits come from a final 3x3 convolution.
+    """
+
+    in_channels: int = 1
+    out_classes: int = 1
+    base_width: int = 16
+    depth: int = 3
+    dropout: float = 0.0
+    bn_momentum: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_classes", "base_width", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if self.depth > 6:
+            raise ValueError(f"UNetConfig.depth={self.depth} is too deep; use 1 to 6 levels")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"UNetConfig.bn_momentum must be in (0, 1], got {self.bn_momentum}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels of encoder levels 1..depth."""
+        return tuple(self.base_width * 2**level for level in range(self.depth))
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width are padded up to a multiple of this."""
+        return int(2**self.depth)
+
+    @classmethod
+    def paper(cls) -> UNetConfig:
+        """The paper's network: widths 64-128-256, bottleneck 256 (needs a GPU to train fast)."""
+        return cls(base_width=64, depth=3)

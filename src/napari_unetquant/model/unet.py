@@ -1,0 +1,113 @@
+"""The paper's 2D U-Net with stable, readable layer names.
+
+Convolutions are named ``enc1.conv1``, ``enc1.conv2``, ... ``bottleneck.conv1``,
+``dec3.conv1``, ... ``dec1.conv2`` and ``head``, so per-layer bit widths, reports and exports
+read naturally. ``build_unet`` returns the network with its convolutions quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import QuantConfig, UNetConfig
+from ..quant.layers import prepare
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions, each followed by ReLU then BatchNorm (the paper's order).
+
+    ``(N, C_in, H, W)`` -> ``(N, C_out, H, W)``. Each convolution quantizes its own input, so
+    with a quantized network every convolution reads activations on the quantizer's grid.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_channels, momentum=config.bn_momentum)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels, momentum=config.bn_momentum)
+        self.dropout = nn.Dropout2d(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(self.bn1(F.relu(self.conv1(x))))
+        out: Tensor = self.dropout(self.bn2(F.relu(self.conv2(x))))
+        return out
+
+
+class UNet(nn.Module):
+    """2D U-Net: ``(N, in_channels, H, W)`` float32 -> ``(N, out_classes, H, W)`` logits.
+
+    Any ``H`` and ``W`` work: the input is padded (edge replication) up to a multiple of
+    ``2**depth`` and the logits are cropped back to the input size.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.widths
+        previous = config.in_channels
+        for level, width in enumerate(widths, start=1):
+            self.add_module(f"enc{level}", ConvBlock(previous, width, config))
+            previous = width
+        self.bottleneck = ConvBlock(previous, previous, config)
+        for level in range(config.depth, 0, -1):
+            width = widths[level - 1]
+            self.add_module(f"dec{level}", ConvBlock(previous + width, width, config))
+            previous = width
+        self.head = nn.Conv2d(previous, config.out_classes, 3, padding=1)
+
+    def _block(self, name: str) -> ConvBlock:
+        block = self.get_submodule(name)
+        assert isinstance(block, ConvBlock)
+        return block
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        x = _pad_to_multiple(x, self.config.size_multiple)
+        skips = []
+        for level in range(1, self.config.depth + 1):
+            x = self._block(f"enc{level}")(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for level in range(self.config.depth, 0, -1):
+            skip = skips[level - 1]
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = self._block(f"dec{level}")(torch.cat([x, skip], dim=1))
+        logits: Tensor = self.head(x)
+        return logits[..., :height, :width]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"UNet expects a batch shaped (N, C, H, W), got shape {tuple(x.shape)}; "
+                f"add batch and channel axes, e.g. image[None, None]"
+            )
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"UNet was built for {self.config.in_channels} input channel(s) but the input "
+                f"has {x.shape[1]} (shape {tuple(x.shape)}); convert the image or build the "
+                f"model with UNetConfig(in_channels={x.shape[1]})"
+            )
+        if x.shape[-1] < 1 or x.shape[-2] < 1:
+            raise ValueError(f"UNet got an empty image of shape {tuple(x.shape)}")
+
+
+def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Pad height and width at the bottom and right (edge replication) to ``multiple``."""
+    pad_h = -x.shape[-2] % multiple
+    pad_w = -x.shape[-1] % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def build_unet(config: UNetConfig, quant: QuantConfig | None = None) -> UNet:
+    """A U-Net whose convolutions are :class:`~napari_unetquant.quant.QuantConv2d` layers
+    configured by ``quant`` (full precision when ``None``)."""
+    model = UNet(config)
+    prepare(model, quant or QuantConfig())
+    return model

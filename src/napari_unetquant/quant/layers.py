@@ -1,0 +1,125 @@
+"""Drop-in quantized layers and the ``prepare`` transform that swaps them into a model."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+
+from ..config import FLOAT, QuantConfig, QuantizerConfig
+from .quantizers import Quantizer, build_quantizer
+
+
+class QuantConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that fake-quantizes its input activations and its weights.
+
+    Input ``(N, C_in, H, W)`` float32 -> output ``(N, C_out, H', W')`` float32, computed with the
+    quantized input and weight (the bias stays float, as in the paper). With both configs at
+    full precision it computes exactly what ``nn.Conv2d`` computes.
+    """
+
+    def __init__(
+        self,
+        *args: object,
+        weight_quant: QuantizerConfig = FLOAT,
+        act_quant: QuantizerConfig = FLOAT,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.weight_quantizer: Quantizer = build_quantizer(
+            weight_quant, "weight", self.out_channels
+        )
+        self.input_quantizer: Quantizer = build_quantizer(act_quant, "act")
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, weight_quant: QuantizerConfig, act_quant: QuantizerConfig
+    ) -> QuantConv2d:
+        """A quantized copy of ``conv`` (same geometry, weights and bias copied)."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            weight_quant=weight_quant,
+            act_quant=act_quant,
+        )
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None and layer.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def quantized_weight(self) -> Tensor:
+        """The weights as the layer uses them, ``(C_out, C_in, kH, kW)``, on the quantizer grid."""
+        weight: Tensor = self.weight_quantizer(self.weight)
+        return weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        inputs: Tensor = self.input_quantizer(x)
+        out: Tensor = self._conv_forward(inputs, self.quantized_weight(), self.bias)
+        return out
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Conv2d`` in ``model`` (quantized or not), in order."""
+    return [
+        name for name, module in model.named_modules() if name and isinstance(module, nn.Conv2d)
+    ]
+
+
+def resolve_layer_configs(
+    names: list[str], config: QuantConfig
+) -> dict[str, tuple[QuantizerConfig, QuantizerConfig]]:
+    """``{layer name: (weight config, input-activation config)}`` for ``names``.
+
+    Every ``edge_layers`` pattern and override pattern must match at least one layer, so a
+    typo cannot silently leave a layer at the wrong precision.
+    """
+    resolved = {name: (config.weight, config.act) for name in names}
+    for pattern in config.edge_layers:
+        for name in _matching(pattern, names, "edge_layers"):
+            resolved[name] = (config.edge_precision, config.edge_precision)
+    for override in config.overrides:
+        for name in _matching(override.pattern, names, "override"):
+            weight, act = resolved[name]
+            resolved[name] = (override.weight or weight, override.act or act)
+    return resolved
+
+
+def _matching(pattern: str, names: list[str], what: str) -> list[str]:
+    matches = [name for name in names if fnmatchcase(name, pattern)]
+    if not matches:
+        raise ValueError(
+            f"{what} pattern {pattern!r} matches no convolution; the model's convolutions are "
+            f"{', '.join(names)}"
+        )
+    return matches
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace every ``nn.Conv2d`` of ``model`` (in place) by a :class:`QuantConv2d` configured
+    per layer from ``config``, keeping its trained weights; returns ``model``.
+
+    Already-quantized layers are re-quantized with the new settings (e.g. an FP-trained U-Net
+    prepared for W4A6 fine-tuning); their previous quantizer state is dropped.
+    """
+    resolved = resolve_layer_configs(conv_names(model), config)
+    for name, (weight_quant, act_quant) in resolved.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv = getattr(parent, child_name)
+        setattr(parent, child_name, QuantConv2d.from_float(conv, weight_quant, act_quant))
+    return model
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
+    """``(name, layer)`` for every :class:`QuantConv2d` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv2d)]

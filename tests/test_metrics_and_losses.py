@@ -1,0 +1,55 @@
+"""Dice and IoU by hand, and the losses' defining values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unetquant.metrics import dice_score, iou_score
+from napari_unetquant.train import bce_dice_loss, soft_dice_loss
+
+
+def test_dice_and_iou_hand_computed() -> None:
+    prediction = np.array([[1, 1, 0], [0, 1, 0]])
+    truth = np.array([[1, 0, 0], [0, 1, 1]])
+    assert dice_score(prediction, truth) == pytest.approx(2 * 2 / (3 + 3))
+    assert iou_score(prediction, truth) == pytest.approx(2 / 4)
+
+
+def test_empty_masks_score_one_and_one_sided_empty_scores_zero() -> None:
+    empty = np.zeros((4, 4))
+    assert dice_score(empty, empty) == 1.0 and iou_score(empty, empty) == 1.0
+    assert dice_score(empty, np.eye(4)) == 0.0
+
+
+def test_metric_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"prediction shape \(2, 2\) does not match"):
+        dice_score(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_soft_dice_loss_is_zero_for_a_perfect_confident_prediction() -> None:
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    logits = (target * 2 - 1) * 50
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_dice_loss(-logits, target).item() > 0.6
+
+
+def test_multiclass_losses_accept_index_targets() -> None:
+    target = torch.tensor([[[0, 1], [2, 1]]])
+    logits = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert bce_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_bce_dice_is_the_weighted_sum() -> None:
+    logits = torch.randn(2, 1, 5, 5)
+    target = (torch.rand(2, 1, 5, 5) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    expected = 0.5 * bce + 0.5 * soft_dice_loss(logits, target)
+    assert bce_dice_loss(logits, target).item() == pytest.approx(expected.item())
+
+
+def test_loss_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="does not match logits"):
+        soft_dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 3))
