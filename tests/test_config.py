@@ -30,6 +30,11 @@ def test_labels(config: QuantConfig, label: str) -> None:
     assert config.label == label
 
 
+def test_one_bit_budgets_are_binary() -> None:
+    assert QuantizerConfig.from_bits("fixed", 1) == QuantizerConfig(method="binary", bits=1)
+    assert QuantConfig.from_bits(1, 4).label == "W1A4-binary"
+
+
 def test_from_bits_32_is_float() -> None:
     assert QuantizerConfig.from_bits("lsq", 32) == FLOAT
     assert QuantConfig.from_bits(32, 32).is_float

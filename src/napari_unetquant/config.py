@@ -157,9 +157,15 @@ class QuantizerConfig:
 
     @classmethod
     def from_bits(cls, method: str, bits: int) -> QuantizerConfig:
-        """A quantizer of ``method`` with ``bits`` stored bits; ``bits == 32`` is full precision."""
+        """A quantizer of ``method`` with ``bits`` stored bits; ``bits == 32`` is full precision.
+
+        One bit leaves a fixed-point or learned-step format no magnitude bit, so ``bits == 1``
+        gives the binary quantizer whatever ``method`` says (W1A4 = binary weights).
+        """
         if bits == FLOAT_BITS:
             return FLOAT
+        if bits == 1 and method in ("fixed", "lsq"):
+            return cls(method="binary", bits=1)
         return cls(method=method, bits=bits)
 
 

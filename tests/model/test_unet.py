@@ -110,6 +110,30 @@ def test_quantized_model_learns_a_generated_image(quant: QuantConfig) -> None:
 
 
 @pytest.mark.parametrize(
+    "quant",
+    [
+        QuantConfig.from_bits(4, 6),
+        QuantConfig.from_bits(3, 4, "lsq"),
+        QuantConfig.from_bits(2, 2, "ternary"),
+    ],
+    ids=["W4A6", "W3A4-lsq", "ternary"],
+)
+def test_state_dict_round_trip_reproduces_outputs_exactly(quant: QuantConfig) -> None:
+    config = UNetConfig(base_width=4, depth=2)
+    trained = build_unet(config, quant)
+    trained.train()
+    for _ in range(3):  # move BatchNorm statistics, running peaks and learned steps
+        trained(torch.randn(2, 1, 24, 24))
+    trained.eval()
+    restored = build_unet(config, quant)
+    restored.load_state_dict(trained.state_dict())
+    restored.eval()
+    x = torch.randn(1, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(restored(x), trained(x))
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"in_channels": 0}, "in_channels must be a positive integer"),
