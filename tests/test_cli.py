@@ -1,39 +1,175 @@
-"""The command line, as users and other tools call it."""
+"""The command line, as users and other tools call it (the trainer issue's contract)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import tifffile
 
 from napari_unetquant.cli import main
 from napari_unetquant.demo import DemoConfig, format_rows, run_demo
 
+FAST = [
+    "--steps",
+    "4",
+    "--crop",
+    "32",
+    "--batch-size",
+    "2",
+    "--validate-every",
+    "2",
+    "--base-width",
+    "4",
+    "--depth",
+    "2",
+]
 
-def test_help_works_through_python_dash_m() -> None:
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_works_through_python_dash_m_and_lists_the_contract() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "napari_unetquant", "--help"],
+        [sys.executable, "-m", "napari_unetquant", "train", "--help"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0
-    assert "demo" in result.stdout and "bits" in result.stdout
+    for option in (
+        "--images",
+        "--labels",
+        "--foreground-value",
+        "--weight-bits",
+        "--act-bits",
+        "--quantizer",
+        "--weight-format",
+        "--act-format",
+        "--steps",
+        "--init",
+        "--resume",
+        "--seed",
+        "--device",
+        "--out",
+    ):
+        assert option in result.stdout
 
 
-def test_bits_prints_per_layer_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bits", "--weight-bits", "4", "--act-bits", "6", "--base-width", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "enc2.conv1" in out and "head" in out and "smaller" in out
+@pytest.fixture
+def trained(
+    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Path:
+    image, labels = phantom_files
+    out = tmp_path / "fp.safetensors"
+    code, stdout, _ = _run(
+        ["train", "--images", str(image), "--labels", str(labels), "--out", str(out), *FAST], capsys
+    )
+    assert code == 0 and "saved" in stdout
+    return out
 
 
-def test_paper_formats_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bits", "--weight-format", "Q0.4", "--act-format", "Q6.0"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("Q0.4/Q6.0")
-    row = next(line for line in out.splitlines() if line.startswith("enc2.conv1"))
-    assert row.split()[1:4] == ["4608", "5", "7"]
+def test_train_fine_tune_info_segment_evaluate(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, labels = phantom_files
+    quantized = tmp_path / "w4a6.safetensors"
+    code, _, err = _run(
+        [
+            "train",
+            "--images",
+            str(image),
+            "--labels",
+            str(labels),
+            "--init",
+            str(trained),
+            "--weight-bits",
+            "4",
+            "--act-bits",
+            "6",
+            "--out",
+            str(quantized),
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 0 and "validation Dice" in err
+    assert not Path(str(quantized) + ".resume").exists(), "checkpoint removed when complete"
+
+    code, stdout, _ = _run(["info", "--model", str(quantized), "--json"], capsys)
+    info = json.loads(stdout)
+    assert (info["weight_bits"], info["act_bits"], info["quantizer"]) == (4, 6, "fixed")
+    assert info["file_bytes"] == quantized.stat().st_size and info["parameters"] > 0
+    assert info["training"]["init"] == str(trained)
+
+    for suffix in (".tif", ".nii.gz"):
+        out = tmp_path / f"mask{suffix}"
+        code, _, _ = _run(
+            ["segment", "--model", str(quantized), "--image", str(image), "--out", str(out)], capsys
+        )
+        assert code == 0
+        mask = (
+            tifffile.imread(out)
+            if suffix == ".tif"
+            else np.moveaxis(np.asanyarray(nib.load(out).dataobj), 2, 0)
+        )
+        assert mask.shape == (3, 64, 64) and set(np.unique(mask)) <= {0, 1}
+
+    code, stdout, _ = _run(
+        [
+            "evaluate",
+            "--model",
+            str(quantized),
+            "--images",
+            str(image),
+            "--labels",
+            str(labels),
+            "--json",
+        ],
+        capsys,
+    )
+    result = json.loads(stdout)
+    assert {"dice_mean", "dice_volume", "iou_mean", "n_slices"} <= set(result)
+    assert result["n_slices"] == 3 and 0 <= result["dice_mean"] <= 1
+
+
+def test_resume_continues_an_interrupted_run(
+    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_unetquant.config import TrainConfig, UNetConfig
+    from napari_unetquant.jobs import TrainJob, train_model
+    from napari_unetquant.train import StepEvent, ValidationEvent
+
+    image, labels = phantom_files
+    out = tmp_path / "m.safetensors"
+    job = TrainJob(
+        images=(str(image),),
+        labels=(str(labels),),
+        out=str(out),
+        unet=UNetConfig(base_width=4, depth=2),
+        train=TrainConfig(steps=6, batch_size=2, crop=32, validate_every=2),
+    )
+    for event in train_model(job):  # "crash" after the validation at step 4
+        if isinstance(event, ValidationEvent) and event.step == 4:
+            break
+    assert out.exists() and Path(str(out) + ".resume").exists()
+    resumed = [
+        e.step
+        for e in train_model(TrainJob(**{**job.__dict__, "resume": True}))
+        if isinstance(e, StepEvent)
+    ]
+    assert resumed == [5, 6]
 
 
 @pytest.mark.parametrize(
@@ -43,25 +179,78 @@ def test_paper_formats_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
         (["bits", "--weight-format", "Q4"], "not of the form Q<int>.<frac>"),
         (["bits", "--depth", "0"], "depth must be a positive integer"),
         (["demo", "--fp-steps", "0"], "fp_steps must be positive"),
+        (["train", "--images", "a.tif", "--labels", "b.tif", "--out", "m"], "no such file"),
+        (["segment", "--model", "m", "--image", "i", "--out", "x.png"], "write masks as"),
+        (["info", "--model", "missing.safetensors"], "no such model file"),
+        (
+            ["train", "--images", "a", "--labels", "b", "--out", "m", "--steps", "0"],
+            "steps must be a positive integer",
+        ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
+    code, _, err = _run(argv, capsys)
+    assert code == 2
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_demo_trains_both_models_and_reports_real_bits() -> None:
-    rows = run_demo(
-        DemoConfig(fp_steps=6, quant_steps=4, base_width=4, crop=32), log=lambda _: None
+def test_evaluate_pairs_must_match(
+    trained: Path, phantom_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, labels = phantom_files
+    code, _, err = _run(
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--images",
+            str(image),
+            str(image),
+            "--labels",
+            str(labels),
+        ],
+        capsys,
     )
-    fp, quant = rows
+    assert code == 2 and "2 image path(s) but 1 label path(s)" in err
+
+
+def test_pickled_model_is_refused_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "m.pt")
+    code, _, err = _run(["info", "--model", str(tmp_path / "m.pt")], capsys)
+    assert code == 2 and "is a pickle" in err
+
+
+def test_bits_prints_per_layer_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        ["bits", "--weight-bits", "4", "--act-bits", "6", "--base-width", "8"], capsys
+    )
+    assert code == 0 and "enc2.conv1" in out and "head" in out and "smaller" in out
+
+
+def test_paper_formats_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["bits", "--weight-format", "Q0.4", "--act-format", "Q6.0"], capsys)
+    assert code == 0 and out.startswith("Q0.4/Q6.0")
+    row = next(line for line in out.splitlines() if line.startswith("enc2.conv1"))
+    assert row.split()[1:4] == ["4608", "5", "7"]
+
+
+def test_demo_trains_both_models_writes_files_and_reports_real_bits(tmp_path: Path) -> None:
+    config = DemoConfig(fp_steps=4, quant_steps=2, base_width=4, crop=32, out_dir=str(tmp_path))
+    fp, quant = run_demo(config, log=lambda _: None)
     assert (fp.label, quant.label) == ("FP", "W4A6")
     assert fp.mean_weight_bits == 32 and 4 < quant.mean_weight_bits < 5
     assert quant.stored_bytes < fp.stored_bytes == fp.fp32_bytes
-    assert all(0.0 <= row.dice_membrane <= 1.0 for row in rows)
-    table = format_rows(rows)
-    assert "W4A6" in table and "Dice (membranes)" in table
+    assert all(0.0 <= row.dice_membrane <= 1.0 for row in (fp, quant))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "demo-overlay.png",
+        "fp.safetensors",
+        "w4a6.safetensors",
+    ]
+    assert "W4A6" in format_rows([fp, quant])

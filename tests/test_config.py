@@ -32,7 +32,7 @@ def test_labels(config: QuantConfig, label: str) -> None:
 
 def test_one_bit_budgets_are_binary() -> None:
     assert QuantizerConfig.from_bits("fixed", 1) == QuantizerConfig(method="binary", bits=1)
-    assert QuantConfig.from_bits(1, 4).label == "W1A4-binary"
+    assert QuantConfig.from_bits(1, 4).label == "W1A4-binary/fixed"
 
 
 def test_from_bits_32_is_float() -> None:

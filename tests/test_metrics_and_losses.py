@@ -53,3 +53,33 @@ def test_bce_dice_is_the_weighted_sum() -> None:
 def test_loss_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="does not match logits"):
         soft_dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 3))
+
+
+def test_dice_agrees_with_scipy_on_random_masks() -> None:
+    from scipy.spatial.distance import dice as dice_distance
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        prediction = rng.random((7, 9)) > rng.random()
+        truth = rng.random((7, 9)) > rng.random()
+        if prediction.any() or truth.any():
+            expected = 1 - dice_distance(prediction.ravel(), truth.ravel())
+            assert dice_score(prediction, truth) == pytest.approx(expected)
+
+
+def test_segmentation_scores_per_slice_volume_and_pooled() -> None:
+    from napari_unetquant.metrics import SegmentationScores, segmentation_scores
+
+    truth = np.zeros((3, 4, 4), bool)
+    truth[0, :2] = True  # 8 pixels
+    prediction = np.zeros_like(truth)
+    prediction[0, :1] = True  # 4 pixels, all right; slice 1 and 2 empty in both
+    prediction[2, 0, 0] = True  # a false positive on an empty slice
+    scores = segmentation_scores(prediction, truth)
+    assert scores.dice_per_slice == pytest.approx((8 / 12, 1.0, 0.0))
+    assert scores.dice_mean == pytest.approx((8 / 12 + 1.0) / 3)
+    assert scores.dice_volume == pytest.approx(2 * 4 / (5 + 8))
+    assert scores.iou_mean == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    both = SegmentationScores.pooled([scores, segmentation_scores(truth, truth)])
+    assert both.n_slices == 6
+    assert both.dice_volume == pytest.approx(2 * (4 + 8) / (13 + 16))

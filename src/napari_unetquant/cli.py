@@ -1,46 +1,71 @@
 """The ``unetquant`` command line (also ``python -m napari_unetquant``).
 
-A thin shell: parse arguments into configs, call the core, print. User mistakes end with one
-line on stderr and exit code 2, never a traceback.
+A thin shell: parse arguments into configs, call the jobs, print. User mistakes end with one
+line on stderr and a non-zero exit code (2), never a traceback. The commands and options of the
+trainer issue are a contract other tools rely on: extend, never rename or drop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
 
-from .config import METHODS, QuantConfig, QuantizerConfig, UNetConfig
+from .config import (
+    FLOAT_BITS,
+    LOSSES,
+    METHODS,
+    InferConfig,
+    QuantConfig,
+    QuantizerConfig,
+    TrainConfig,
+    UNetConfig,
+)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+NATURAL_BITS = {"ternary": 2, "binary": 1}
 
 
 def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weight-bits", type=int, default=4, help="stored weight bits (32 = FP)")
-    parser.add_argument("--act-bits", type=int, default=6, help="stored activation bits (32 = FP)")
+    parser.add_argument(
+        "--weight-bits", type=int, help="stored weight bits, sign included (32 = full precision)"
+    )
+    parser.add_argument(
+        "--act-bits", type=int, help="stored activation bits, sign included (32 = full precision)"
+    )
     parser.add_argument(
         "--quantizer",
         choices=[m for m in METHODS if m != "float"],
         default="fixed",
-        help="fixed (dynamic fixed point), lsq (learned step), ternary or binary",
+        help="fixed (dynamic fixed point; default), lsq (learned step), ternary or binary",
     )
-    parser.add_argument("--weight-format", help="explicit fixed-point weight format, e.g. Q0.4")
-    parser.add_argument("--act-format", help="explicit fixed-point activation format, e.g. Q6.0")
+    parser.add_argument("--weight-format", help="paper-style fixed-point weight format, e.g. Q0.4")
+    parser.add_argument("--act-format", help="paper-style fixed-point activation format, e.g. Q6.0")
     parser.add_argument(
         "--quantize-edges",
         action="store_true",
-        help="also quantize the first block and the last convolution (kept FP by default)",
+        help="also quantize the first block and the last convolution (full precision by default)",
     )
 
 
-def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The :class:`QuantConfig` that ``--weight-bits/--act-bits/--quantizer/--*-format`` ask for."""
-    fixed_bits = {"ternary": 2, "binary": 1}
+def quant_config_from_args(args: argparse.Namespace, default_bits: int = FLOAT_BITS) -> QuantConfig:
+    """The :class:`QuantConfig` that the quantization options ask for.
 
-    def one(bits: int, name: str | None) -> QuantizerConfig:
+    Bits left out mean ``default_bits`` for fixed point and LSQ, and the natural width of
+    ternary (2) and binary (1); 32 always means full precision.
+    """
+
+    def one(bits: int | None, name: str | None) -> QuantizerConfig:
         if name:
             return QuantizerConfig.from_format(name)
-        bits = fixed_bits.get(args.quantizer, bits)
+        if bits is None:
+            bits = NATURAL_BITS.get(args.quantizer, default_bits)
+        if bits == FLOAT_BITS:
+            return QuantizerConfig()
         return QuantizerConfig.from_bits(args.quantizer, bits)
 
     edges = () if args.quantize_edges else QuantConfig().edge_layers
@@ -49,6 +74,170 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         act=one(args.act_bits, args.act_format),
         edge_layers=edges,
     )
+
+
+def _spacing(text: str) -> tuple[float, float] | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        rows, cols = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"spacing {text!r}: use auto, none or ROWS,COLS in mm (e.g. 0.5,0.5)"
+        ) from None
+    return rows, cols
+
+
+def _progress(event: object, out: TextIO | None = None) -> None:
+    """A progress line on a terminal; a line per validation everywhere."""
+    from .train import StepEvent, ValidationEvent
+
+    out = out or sys.stderr
+    if isinstance(event, StepEvent) and out.isatty():
+        minutes, seconds = divmod(int(event.eta_seconds), 60)
+        out.write(
+            f"\rstep {event.step}/{event.steps}  loss {event.loss:.4f}  "
+            f"ETA {minutes}m{seconds:02d}s "
+        )
+    elif isinstance(event, ValidationEvent):
+        mark = " (best, saved)" if event.improved else ""
+        out.write(
+            f"\rstep {event.step}/{event.steps}  validation Dice {event.dice:.4f}{mark}"
+            f"  best {event.best_dice:.4f} at step {event.best_step}\n"
+        )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .jobs import TrainJob, train_model
+
+    job = TrainJob(
+        images=tuple(args.images),
+        labels=tuple(args.labels),
+        out=args.out,
+        quant=quant_config_from_args(args),
+        unet=UNetConfig(base_width=args.base_width, depth=args.depth),
+        train=TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            crop=args.crop,
+            learning_rate=args.lr,
+            loss=args.loss,
+            validate_every=args.validate_every,
+            augment=not args.no_augment,
+            elastic=args.elastic,
+            seed=args.seed,
+            device=args.device,
+        ),
+        foreground_value=args.foreground_value,
+        val_images=tuple(args.val_images or ()),
+        val_labels=tuple(args.val_labels or ()),
+        spacing=args.spacing,
+        ct_window=tuple(args.ct_window) if args.ct_window else None,
+        init=args.init,
+        resume=args.resume,
+    )
+    if len(job.val_images) != len(job.val_labels):
+        raise ValueError("give as many --val-labels as --val-images")
+    best = None
+    try:
+        for event in train_model(job):
+            _progress(event)
+            best = getattr(event, "best_dice", best)
+    except KeyboardInterrupt:
+        print(
+            f"unetquant train: interrupted; the best model so far is in {args.out} "
+            f"(continue with the same command and --resume)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(f"saved {args.out} ({job.quant.label}, best validation Dice {best:.4f})")
+    return 0
+
+
+def _infer_config(args: argparse.Namespace) -> InferConfig:
+    return InferConfig(tile=args.tile, threshold=args.threshold)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .jobs import segment_to_file
+
+    segmentation = segment_to_file(
+        args.model, args.image, args.out, _infer_config(args), args.device
+    )
+    foreground = int(segmentation.mask.sum())
+    print(f"wrote {args.out}: {segmentation.mask.shape} mask, {foreground} foreground pixels")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .jobs import evaluate_files
+    from .metrics import SegmentationScores
+    from .modelio import load_model
+
+    bundle = load_model(args.model)
+    scores = evaluate_files(
+        bundle, args.images, args.labels, args.foreground_value, _infer_config(args), args.device
+    )
+    pooled = SegmentationScores.pooled(scores)
+    if args.json:
+        result: dict[str, object] = dict(pooled.as_dict())
+        result["per_image"] = [
+            {"image": image, **s.as_dict()} for image, s in zip(args.images, scores, strict=True)
+        ]
+        print(json.dumps(result))
+        return 0
+    for image, s in zip(args.images, scores, strict=True):
+        print(f"{image}: Dice {s.dice_mean:.4f} (volume {s.dice_volume:.4f}), {s.n_slices} slices")
+    print(
+        f"mean Dice {pooled.dice_mean:.4f}  volume Dice {pooled.dice_volume:.4f}  "
+        f"mean IoU {pooled.iou_mean:.4f}  over {pooled.n_slices} slices"
+    )
+    return 0
+
+
+def model_summary(path: str) -> dict[str, object]:
+    """What ``unetquant info`` reports about a model file."""
+    from dataclasses import asdict
+
+    from .modelio import load_model
+    from .quant import bit_report
+
+    bundle = load_model(path)
+    report = bit_report(bundle.model)
+    quant = bundle.quant
+    return {
+        "label": quant.label,
+        "weight_bits": quant.weight.bits,
+        "act_bits": quant.act.bits,
+        "quantizer": quant.weight.method if not quant.weight.is_float else quant.act.method,
+        "weight_format": quant.weight.format_name,
+        "act_format": quant.act.format_name,
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "file_bytes": Path(path).stat().st_size,
+        "stored_bytes": report.stored_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        "mean_weight_bits": report.mean_weight_bits,
+        "unet": asdict(bundle.unet),
+        "preprocess": asdict(bundle.preprocess),
+        "training": bundle.info,
+        "layers": [asdict(layer) for layer in report.layers],
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    summary = model_summary(args.model)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for key in ("label", "weight_bits", "act_bits", "quantizer", "parameters", "file_bytes"):
+        print(f"{key:<12}{summary[key]}")
+    training = summary["training"]
+    assert isinstance(training, dict)
+    print(
+        f"{'validation':<12}Dice {training.get('validation_dice')} at step "
+        f"{training.get('best_step')} of {training.get('steps')}"
+    )
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -60,6 +249,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
         seed=args.seed,
+        out_dir=args.out_dir,
     )
     print(format_rows(run_demo(config)))
     return 0
@@ -69,11 +259,63 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     from .model import build_unet
     from .quant import bit_report
 
-    quant = quant_config_from_args(args)
+    quant = quant_config_from_args(args, default_bits=4)
     model = build_unet(UNetConfig(base_width=args.base_width, depth=args.depth), quant)
     print(f"{quant.label}: U-Net base width {args.base_width}, depth {args.depth}")
     print(bit_report(model).table())
     return 0
+
+
+def _add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    parser.add_argument(
+        "--tile", type=int, default=InferConfig.tile, help="sliding-window tile size (px)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    train = commands.add_parser("train", help="train a (quantized) U-Net on images and labels")
+    train.add_argument("--images", nargs="+", required=True, metavar="PATH")
+    train.add_argument("--labels", nargs="+", required=True, metavar="PATH")
+    train.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    train.add_argument(
+        "--foreground-value",
+        type=int,
+        metavar="V",
+        help="label value of the object (default: every non-zero value)",
+    )
+    _add_quant_arguments(train)
+    train.add_argument("--steps", type=int, default=TrainConfig.steps)
+    train.add_argument("--init", metavar="MODEL", help="fine-tune from this model's weights")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    train.add_argument("--val-images", nargs="+", metavar="PATH")
+    train.add_argument("--val-labels", nargs="+", metavar="PATH")
+    train.add_argument("--base-width", type=int, default=UNetConfig.base_width)
+    train.add_argument("--depth", type=int, default=UNetConfig.depth)
+    train.add_argument("--crop", type=int, default=TrainConfig.crop)
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    train.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
+    train.add_argument("--validate-every", type=int, default=TrainConfig.validate_every)
+    train.add_argument("--no-augment", action="store_true")
+    train.add_argument("--elastic", action="store_true", help="add elastic deformations")
+    train.add_argument(
+        "--spacing",
+        type=_spacing,
+        default="auto",
+        help="in-plane spacing to resample to: auto, none or ROWS,COLS mm",
+    )
+    train.add_argument(
+        "--ct-window",
+        type=float,
+        nargs=2,
+        metavar=("LEVEL", "WIDTH"),
+        help="CT window in HU instead of z-score normalisation",
+    )
+    train.set_defaults(handler=_cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +325,38 @@ def build_parser() -> argparse.ArgumentParser:
         "segmentation.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(commands)
+
+    segment = commands.add_parser("segment", help="segment an image with a model file")
+    segment.add_argument("--model", required=True)
+    segment.add_argument("--image", required=True, metavar="PATH")
+    segment.add_argument("--out", required=True, metavar="PATH", help=".tif/.tiff or .nii/.nii.gz")
+    _add_infer_arguments(segment)
+    segment.set_defaults(handler=_cmd_segment)
+
+    evaluate = commands.add_parser("evaluate", help="Dice and IoU of a model against labels")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--images", nargs="+", required=True, metavar="PATH")
+    evaluate.add_argument("--labels", nargs="+", required=True, metavar="PATH")
+    evaluate.add_argument("--foreground-value", type=int, metavar="V")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_infer_arguments(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    info = commands.add_parser("info", help="bits, size and training summary of a model file")
+    info.add_argument("--model", required=True)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=_cmd_info)
 
     demo = commands.add_parser(
         "demo", help="train FP and W4A6 on a generated EM-like phantom and compare them"
     )
-    demo.add_argument("--fp-steps", type=int, default=300)
-    demo.add_argument("--quant-steps", type=int, default=150)
+    demo.add_argument("--fp-steps", type=int, default=400)
+    demo.add_argument("--quant-steps", type=int, default=200)
     demo.add_argument("--weight-bits", type=int, default=4)
     demo.add_argument("--act-bits", type=int, default=6)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out-dir", default="demo-output", help="where models and the PNG go")
     demo.set_defaults(handler=_cmd_demo)
 
     bits = commands.add_parser(
@@ -109,9 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except ValueError as error:
-        print(f"unetquant {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # user mistakes, bad files: one line, no traceback
+        message = " ".join(str(error).split())
+        print(f"unetquant {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"unetquant {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

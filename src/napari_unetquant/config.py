@@ -69,6 +69,10 @@ class QuantizerConfig:
             )
         if (self.int_bits is None) != (self.frac_bits is None):
             raise ValueError("give both int_bits and frac_bits (a Q(i.f) format) or neither")
+        if self.int_bits is not None and (self.int_bits < 0 or (self.frac_bits or 0) < 0):
+            raise ValueError(
+                f"Q{self.int_bits}.{self.frac_bits} has a negative bit count; use i, f >= 0"
+            )
         if self.int_bits is not None and self.method != "fixed":
             raise ValueError(f"a Q(i.f) format needs method 'fixed', not {self.method!r}")
         if self.power_of_two and self.method != "lsq":
@@ -220,14 +224,10 @@ class QuantConfig:
 
     @property
     def is_float(self) -> bool:
-        return (
-            self.weight.is_float
-            and self.act.is_float
-            and not any(
-                not (o.weight or FLOAT).is_float or not (o.act or FLOAT).is_float
-                for o in self.overrides
-            )
-        )
+        """True when no layer is quantized (edge precision and overrides included)."""
+        configs = [self.weight, self.act, self.edge_precision]
+        configs += [c for o in self.overrides for c in (o.weight, o.act) if c is not None]
+        return all(c.is_float for c in configs)
 
     @property
     def label(self) -> str:
@@ -239,13 +239,15 @@ class QuantConfig:
             return f"{weight.label}/{act.label}"
         if weight.method == act.method and weight.method in ("ternary", "binary"):
             return weight.method
-        method = weight.method if not weight.is_float else act.method
-        suffix = "" if method == "fixed" else f"-{method}"
+        methods = [q.method for q in (weight, act) if not q.is_float]
+        if len(set(methods)) > 1:
+            return f"W{weight.bits}A{act.bits}-{'/'.join(methods)}"
+        suffix = "" if methods[0] == "fixed" else f"-{methods[0]}"
         return f"W{weight.bits}A{act.bits}{suffix}"
 
     @classmethod
     def from_bits(cls, weight_bits: int, act_bits: int, method: str = "fixed") -> QuantConfig:
-        """Stored-bit budgets such as W4A6; ternary and binary ignore the numbers' meaning."""
+        """Stored-bit budgets such as W4A6 (ternary needs 2 and binary 1 bit; 32 is float)."""
         return cls(
             weight=QuantizerConfig.from_bits(method, weight_bits),
             act=QuantizerConfig.from_bits(method, act_bits),
@@ -303,3 +305,100 @@ class UNetConfig:
     def paper(cls) -> UNetConfig:
         """The paper's network: widths 64-128-256, bottleneck 256 (needs a GPU to train fast)."""
         return cls(base_width=64, depth=3)
+
+
+LOSSES = ("bce_dice", "dice")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images become network inputs; saved in the model file and reused at inference.
+
+    Parameters
+    ----------
+    spacing
+        In-plane pixel spacing (mm, rows then columns) that images with a known spacing (NIfTI,
+        DICOM) are resampled to; ``None`` keeps every image's own grid.
+    ct_window
+        ``(level, width)`` in Hounsfield units: intensities are clipped to the window and mapped
+        to [-1, 1] instead of the per-slice z-score.
+    """
+
+    spacing: tuple[float, float] | None = None
+    ct_window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and (
+            len(self.spacing) != 2 or not all(s > 0 for s in self.spacing)
+        ):
+            raise ValueError(f"spacing must be two positive numbers (mm), got {self.spacing}")
+        if self.ct_window is not None and (len(self.ct_window) != 2 or self.ct_window[1] <= 0):
+            raise ValueError(
+                f"ct_window must be (level, width) with a positive width, got {self.ct_window}; "
+                f"e.g. (40, 400) for soft tissue"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; defaults are sized for a laptop CPU (2000 steps: ~8 min, 2 cores).
+
+    ``steps`` Adam steps of ``batch_size`` random ``crop``-pixel crops, learning rate cosine-
+    annealed from ``learning_rate``; ``loss`` ``"bce_dice"`` (0.5 BCE + 0.5 soft Dice, the
+    paper's EM loss) or ``"dice"``; validation every ``validate_every`` steps keeps the best
+    model; ``augment`` turns on flips, 90° turns, small affine and intensity changes, ``elastic``
+    adds elastic deformation; ``foreground_oversample`` of the crops are centred on a random
+    foreground pixel (small structures such as grey matter); ``device``: auto, cpu, cuda, mps.
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    crop: int = 128
+    learning_rate: float = 1e-3
+    loss: str = "bce_dice"
+    validate_every: int = 100
+    augment: bool = True
+    elastic: bool = False
+    foreground_oversample: float = 0.33
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "crop", "validate_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.crop < 16:
+            raise ValueError(f"crop must be at least 16 pixels, got {self.crop}")
+        if not 0.0 <= self.foreground_oversample <= 1.0:
+            raise ValueError(
+                f"foreground_oversample must be in [0, 1], got {self.foreground_oversample}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith(
+            "cuda:"
+        ):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding-window inference: square ``tile``, fractional ``overlap``, slices per batch."""
+
+    tile: int = 512
+    overlap: float = 0.25
+    batch_size: int = 4
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.tile < 16:
+            raise ValueError(f"tile must be at least 16 pixels, got {self.tile}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")

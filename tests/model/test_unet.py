@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetquant.config import QuantConfig, QuantizerConfig, UNetConfig
-from napari_unetquant.data import em_phantom_stack, random_crop_batch, zscore
+from napari_unetquant.config import QuantConfig, QuantizerConfig, TrainConfig, UNetConfig
+from napari_unetquant.data import em_phantom_stack, zscore
 from napari_unetquant.model import UNet, build_unet
 from napari_unetquant.quant import QuantConv2d, conv_names
-from napari_unetquant.train import bce_dice_loss, fit
+from napari_unetquant.train import SliceSet, StepEvent, Trainer
 
 SHAPES = [
     # (config, input shape, output shape)
@@ -96,17 +96,15 @@ def test_edges_stay_full_precision_by_default_and_can_be_quantized() -> None:
     ids=["W4A6-fixed", "W4A4-lsq", "Q0.4/Q6.0"],
 )
 def test_quantized_model_learns_a_generated_image(quant: QuantConfig) -> None:
-    images, labels = em_phantom_stack(2, 64, 64, seed=3)
-    images = np.stack([zscore(s) for s in images])
-    rng = np.random.default_rng(0)
-
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = random_crop_batch(images, labels, 48, 4, rng)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
+    images, labels = em_phantom_stack(3, 64, 64, seed=3)
+    slices = SliceSet.from_stacks(np.stack([zscore(s) for s in images]), labels)
     model = build_unet(UNetConfig(base_width=8, depth=2), quant)
-    losses = [event.loss for event in fit(model, batch, bce_dice_loss, steps=40)]
-    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    config = TrainConfig(steps=60, batch_size=4, crop=48, validate_every=60, augment=False)
+    trainer = Trainer(model, slices, None, config)
+    before = trainer.validation_dice()  # evaluation mode: frozen formats and statistics
+    losses = [e.loss for e in trainer.run() if isinstance(e, StepEvent)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert trainer.validation_dice() > before + 0.1
 
 
 @pytest.mark.parametrize(

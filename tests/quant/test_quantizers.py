@@ -96,6 +96,41 @@ def test_dynamic_activation_format_follows_running_peak_in_training_only() -> No
     assert out.max().item() == (2**5 - 1) * 2.0**-frozen, "saturates at the frozen format"
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_fixed_point_uses_exactly_its_levels_when_saturated(bits: int) -> None:
+    config = QuantizerConfig(method="fixed", bits=bits, int_bits=0, frac_bits=bits - 1)
+    x = torch.linspace(-2, 2, 40_001)
+    assert build_quantizer(config, "act")(x).unique().numel() == 2**bits - 1
+
+
+def test_dynamic_mse_format_chosen_in_training_is_kept_in_evaluation() -> None:
+    quantizer = build_quantizer(QuantizerConfig(method="fixed", bits=4), "act")
+    assert isinstance(quantizer, FixedPointQuantizer)
+    x = torch.randn(4, 8, 16, 16)
+    quantizer.train()
+    for _ in range(5):
+        trained = quantizer(x)
+    chosen = int(quantizer.frac_bits)
+    quantizer.eval()
+    assert torch.equal(quantizer(x), trained)
+    assert int(quantizer.frac_bits) == chosen
+
+
+def test_binary_weights_beyond_their_scale_still_get_gradients() -> None:
+    quantizer = build_quantizer(QuantizerConfig(method="binary", bits=1), "weight", channels=1)
+    w = torch.tensor([[0.1, -0.2, 0.9, -3.0]], requires_grad=True)
+    quantizer(w).sum().backward()
+    assert torch.equal(w.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_running_statistics_accept_other_dtypes() -> None:
+    quantizer = build_quantizer(QuantizerConfig(method="fixed", bits=6), "act")
+    quantizer.train()
+    quantizer(torch.randn(100))
+    out = quantizer(torch.randn(100, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
 def test_lsq_initialisation_and_per_channel_steps() -> None:
     config = QuantizerConfig(method="lsq", bits=4)
     quantizer = build_quantizer(config, "weight", channels=2)

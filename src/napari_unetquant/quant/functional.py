@@ -22,6 +22,9 @@ def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
+STE_LIMIT = 1.0  # |x| beyond which clipped straight-through estimators pass no gradient
+
+
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
     """``function.apply(*args)``, typed."""
     result: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
@@ -96,7 +99,7 @@ def choose_frac_bits(x: Tensor, magnitude_bits: int, rule: str = "mse") -> int:
 def frac_bits_for_peak(x: Tensor | None, peak: float, magnitude_bits: int, rule: str) -> int:
     """As :func:`choose_frac_bits` with the peak magnitude given (e.g. a running average)."""
     if not math.isfinite(peak):
-        raise ValueError(
+        raise FloatingPointError(
             "cannot choose a fixed-point format for a tensor with NaN or Inf values; "
             "check the input data and the learning rate"
         )
@@ -133,7 +136,7 @@ class _LSQ(torch.autograd.Function):
         inside = clamped == v
         grad_x = grad * inside
         # round(v) - v inside the range; the clamp limit -Q_N or Q_P outside it.
-        per_value = clamped.round_().sub_(v.mul_(inside))
+        per_value = torch.where(inside, clamped.round() - v, clamped)
         grad_step = (grad * per_value).sum_to_size(step.shape) * grad_scale
         return grad_x, grad_step, None, None, None
 
@@ -181,12 +184,12 @@ def ternarize(
 ) -> Tensor:
     """TWN-style ternary values ``{-scale, 0, +scale}``: zero where ``|x| <= threshold``.
 
-    Straight-through gradient; with ``clip_gradient``, zero where ``|x| > scale`` (beyond the
-    top level, as the clipped STE of binary nets). ``threshold`` and ``scale`` are constants.
+    Straight-through gradient; with ``clip_gradient``, zero where ``|x| > 1`` (the hardtanh
+    STE of binary nets). ``threshold`` and ``scale`` are constants.
     """
     with torch.no_grad():
         levels = torch.sign(x).mul_(x.abs() > threshold).mul_(scale)
-    return _apply(_MaskedSTE, x, levels, scale.detach() if clip_gradient else None)
+    return _apply(_MaskedSTE, x, levels, STE_LIMIT if clip_gradient else None)
 
 
 def twn_threshold_and_scale(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -203,10 +206,11 @@ def twn_threshold_and_scale(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, T
 
 
 def binarize(x: Tensor, scale: Tensor | float = 1.0) -> Tensor:
-    """``scale * sign(x)`` with ``sign(0) = +1`` (exactly two levels), clipped STE: the gradient
-    passes where ``|x| <= scale`` and is zero elsewhere, as in BNNs. ``scale`` is a constant."""
+    """``scale * sign(x)`` with ``sign(0) = +1`` (exactly two levels) and the clipped STE of
+    BNNs (hardtanh): the gradient passes where ``|x| <= 1`` and is zero elsewhere. ``scale`` (a
+    constant) sets the output magnitude only, so weights above it keep learning."""
     if isinstance(scale, Tensor):
         scale = scale.detach()
     with torch.no_grad():
         levels = (x >= 0).to(x.dtype).mul_(2).sub_(1).mul_(scale)
-    return _apply(_MaskedSTE, x, levels, scale)
+    return _apply(_MaskedSTE, x, levels, STE_LIMIT)

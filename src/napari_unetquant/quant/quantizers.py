@@ -67,7 +67,7 @@ class RunningStat(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def update(self, batch_value: Tensor, training: bool) -> Tensor:
-        batch_value = batch_value.detach().reshape(())
+        batch_value = batch_value.detach().reshape(()).to(self.value.dtype)
         if not bool(self.initialized):
             self.value.copy_(batch_value)
             self.initialized.fill_(True)
@@ -112,9 +112,10 @@ class FixedPointQuantizer(Quantizer):
         rule = self.config.dynamic_rule
         if self.peak is None:
             return qf.choose_frac_bits(x, self.magnitude_bits, rule)
+        if not self.training and bool(self.peak.initialized):
+            return int(self.frac_bits)  # frozen: the format training last chose
         peak = self.peak.update(x.detach().abs().amax(), self.training)
-        sample = _subsample(x) if self.training else None
-        return qf.frac_bits_for_peak(sample, float(peak), self.magnitude_bits, rule)
+        return qf.frac_bits_for_peak(_subsample(x), float(peak), self.magnitude_bits, rule)
 
 
 def _subsample(x: Tensor, limit: int = 1 << 16) -> Tensor:
@@ -189,7 +190,8 @@ class TernaryQuantizer(Quantizer):
 
     @property
     def scale_count(self) -> int:
-        return self.channels if self.role == "weight" else 1
+        # weights: one scale per channel (codes are stored); activations: threshold and scale
+        return self.channels if self.role == "weight" else 2
 
     def forward(self, x: Tensor) -> Tensor:
         threshold, scale = qf.twn_threshold_and_scale(x, self._reduce_dims(x))

@@ -1,6 +1,32 @@
-"""Training: losses and the loop as a generator of progress events."""
+"""Training: losses, the trainer (a generator of progress events), data and checkpoints."""
 
-from .loop import Batch, StepEvent, fit
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .dataset import LabelledVolume, median_spacing, read_pairs, slice_set, split_validation
 from .losses import bce_dice_loss, soft_dice_loss
+from .trainer import (
+    Event,
+    SliceSet,
+    StepEvent,
+    Trainer,
+    TrainingDiverged,
+    ValidationEvent,
+)
 
-__all__ = ["Batch", "StepEvent", "bce_dice_loss", "fit", "soft_dice_loss"]
+__all__ = [
+    "Event",
+    "LabelledVolume",
+    "SliceSet",
+    "StepEvent",
+    "Trainer",
+    "TrainingDiverged",
+    "ValidationEvent",
+    "bce_dice_loss",
+    "checkpoint_path",
+    "load_checkpoint",
+    "median_spacing",
+    "read_pairs",
+    "save_checkpoint",
+    "slice_set",
+    "soft_dice_loss",
+    "split_validation",
+]

@@ -17,7 +17,7 @@ _SMOOTH = 1.0
 def _probabilities_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if logits.dim() != 4:
         raise ValueError(f"logits must be (N, C, H, W), got shape {tuple(logits.shape)}")
-    if target.dim() == 4:
+    if target.dim() == 4 and target.shape[1] == 1:
         target = target[:, 0]
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(
@@ -25,6 +25,8 @@ def _probabilities_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, T
             f"give one label per pixel, (N, H, W)"
         )
     if logits.shape[1] == 1:
+        if bool(((target != 0) & (target != 1)).any()):
+            raise ValueError("binary targets must hold only 0 and 1; convert the mask first")
         return torch.sigmoid(logits), target[:, None].to(logits.dtype)
     onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
     return torch.softmax(logits, dim=1), onehot

@@ -1,11 +1,11 @@
-"""Generated phantoms and training crops."""
+"""Generated phantoms and normalisation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from napari_unetquant.data import em_phantom, em_phantom_stack, random_crop_batch, zscore
+from napari_unetquant.data import em_phantom, em_phantom_stack, zscore
 
 
 def test_phantom_is_reproducible_and_em_like() -> None:
@@ -36,22 +36,6 @@ def test_phantom_stack_slices_differ() -> None:
 def test_phantom_errors(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()  # type: ignore[operator]
-
-
-def test_random_crops_keep_image_and_label_aligned() -> None:
-    images = np.arange(2 * 20 * 20, dtype=np.float32).reshape(2, 20, 20)
-    labels = (images % 7 == 0).astype(np.uint8)
-    x, y = random_crop_batch(images, labels, 8, 16, np.random.default_rng(0))
-    assert x.shape == y.shape == (16, 1, 8, 8)
-    assert np.array_equal(y, (x % 7 == 0).astype(np.float32))
-
-
-def test_crop_errors() -> None:
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="larger than the images"):
-        random_crop_batch(np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), 9, 1, rng)
-    with pytest.raises(ValueError, match="same shape"):
-        random_crop_batch(np.zeros((1, 8, 8)), np.zeros((1, 8, 9)), 4, 1, rng)
 
 
 def test_zscore() -> None:

@@ -1,0 +1,320 @@
+"""The paper's table on real data: Dice per quantization setting on EM (ISBI 2012) and spinal
+cord grey matter, scored on data that training never saw.
+
+Protocol (see ../shared/docs/BENCHMARKS.md):
+- EM: train on ISBI slices 0-19 (the trainer holds out 17-19 to pick its best checkpoint),
+  score slices 20-23; membranes (label 0) are the foreground, interior Dice reported beside.
+- GM: train on sub-9418 (UCL), sub-9584 (NWU) and sub-9709Ses1 (Milan), pick checkpoints on
+  sub-9709Ses2, score sub-9604 (Philips, a site training never saw) on full slices in the
+  original grid. Resampled to the median training spacing, elastic augmentation, Dice loss.
+- FP is trained from scratch; every quantized row is fine-tuned from the FP model of its seed.
+- Runs are cached in benchmarks/results/runs/ (delete a file to redo it).
+
+    python benchmarks/paper_table.py                      # the full protocol
+    python benchmarks/paper_table.py --quick              # one seed, short runs (~10 min)
+    python benchmarks/paper_table.py --update-readme      # also rewrite the README block
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from _common import RESULTS, machine, machine_line, update_readme, write_results
+from napari_unetquant.config import InferConfig, QuantConfig, TrainConfig, UNetConfig
+from napari_unetquant.jobs import TrainJob, evaluate_files, train_model
+from napari_unetquant.metrics import SegmentationScores
+from napari_unetquant.modelio import load_model
+from napari_unetquant.quant import bit_report
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RUNS = RESULTS / "runs"
+
+# (row label, quantization, runs with every seed?)
+ROWS: list[tuple[str, QuantConfig, bool]] = [
+    ("FP", QuantConfig(), True),
+    ("Q0.4/Q6.0 (paper)", QuantConfig.paper(), False),
+    ("W8A8 fixed", QuantConfig.from_bits(8, 8), False),
+    ("W8A8 lsq", QuantConfig.from_bits(8, 8, "lsq"), False),
+    ("W4A6 fixed", QuantConfig.from_bits(4, 6), True),
+    ("W4A6 lsq", QuantConfig.from_bits(4, 6, "lsq"), False),
+    ("W4A4 fixed", QuantConfig.from_bits(4, 4), False),
+    ("W4A4 lsq", QuantConfig.from_bits(4, 4, "lsq"), True),
+    ("W2A4 fixed", QuantConfig.from_bits(2, 4), False),
+    ("W2A4 lsq", QuantConfig.from_bits(2, 4, "lsq"), False),
+    ("ternary", QuantConfig.from_bits(2, 2, "ternary"), False),
+    ("binary", QuantConfig.from_bits(1, 1, "binary"), False),
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: tuple[tuple[str, str], ...]
+    validation: tuple[tuple[str, str], ...]
+    test: tuple[tuple[str, str], ...]
+    foreground_value: int | None
+    loss: str
+    elastic: bool
+
+
+def _isbi(cache: Path) -> Dataset:
+    """ISBI stacks split into TIFF files (real files, as a user would give them)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    volume = tifffile.imread(DATA / "isbi2012" / "train-volume.tif")
+    labels = tifffile.imread(DATA / "isbi2012" / "train-labels.tif")
+    paths = {}
+    for part, chosen in (("train", slice(0, 20)), ("test", slice(20, 24))):
+        image_path, label_path = cache / f"isbi-{part}.tif", cache / f"isbi-{part}-labels.tif"
+        tifffile.imwrite(image_path, volume[chosen], photometric="minisblack")
+        tifffile.imwrite(label_path, labels[chosen], photometric="minisblack")
+        paths[part] = ((str(image_path), str(label_path)),)
+    return Dataset("EM (ISBI 2012)", paths["train"], (), paths["test"], 0, "bce_dice", False)
+
+
+def _gm() -> Dataset:
+    def subject(name: str) -> tuple[str, str]:
+        folder = DATA / "spinal-gm" / name
+        return str(folder / "image.nii.gz"), str(folder / "gm.nii.gz")
+
+    return Dataset(
+        "Spinal GM",
+        tuple(subject(s) for s in ("sub-9418", "sub-9584", "sub-9709Ses1")),
+        (subject("sub-9709Ses2"),),
+        (subject("sub-9604"),),
+        None,
+        "dice",
+        True,
+    )
+
+
+def _run(
+    dataset: Dataset, label: str, quant: QuantConfig, seed: int, steps: int, init: str | None
+) -> dict[str, Any]:
+    """Train (or reuse) one model and score it on the test split."""
+    key = f"{dataset.name.split()[0]}-{label.split()[0]}-{label.split()[-1]}-s{seed}-{steps}"
+    if init is not None:
+        key += f"-from-{Path(init).stem}"
+    key = key.replace("/", "_").replace(".", "").replace("(", "").replace(")", "")
+    result_path, model_path = RUNS / f"{key}.json", RUNS / f"{key}.safetensors"
+    if result_path.exists() and model_path.exists():
+        return dict(json.loads(result_path.read_text()))
+    job = TrainJob(
+        images=tuple(p[0] for p in dataset.train),
+        labels=tuple(p[1] for p in dataset.train),
+        val_images=tuple(p[0] for p in dataset.validation),
+        val_labels=tuple(p[1] for p in dataset.validation),
+        out=str(model_path),
+        quant=quant,
+        unet=UNetConfig(base_width=16),
+        train=TrainConfig(
+            steps=steps,
+            seed=seed,
+            loss=dataset.loss,
+            elastic=dataset.elastic,
+            validate_every=max(50, steps // 10),
+            learning_rate=1e-3 if init is None else 5e-4,
+        ),
+        foreground_value=dataset.foreground_value,
+        init=init,
+    )
+    start = time.perf_counter()
+    for _ in train_model(job):
+        pass
+    seconds = time.perf_counter() - start
+    bundle = load_model(model_path)
+    scores = evaluate_files(
+        bundle,
+        [p[0] for p in dataset.test],
+        [p[1] for p in dataset.test],
+        dataset.foreground_value,
+        InferConfig(),
+        "cpu",
+    )
+    pooled = SegmentationScores.pooled(scores)
+    report = bit_report(bundle.model)
+    result = {
+        "dataset": dataset.name,
+        "row": label,
+        "seed": seed,
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+        "dice_mean": pooled.dice_mean,
+        "dice_volume": pooled.dice_volume,
+        "iou_mean": pooled.iou_mean,
+        "n_slices": pooled.n_slices,
+        "validation_dice": bundle.info["validation_dice"],
+        "weight_bits": quant.weight.bits,
+        "act_bits": quant.act.bits,
+        "mean_weight_bits": report.mean_weight_bits,
+        "stored_bytes": report.stored_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        "model": str(model_path),
+        "init": init,
+    }
+    if dataset.foreground_value == 0:  # EM: the paper's code scored the cell interior
+        interior = evaluate_interior(bundle, dataset)
+        result["dice_interior"] = interior
+    RUNS.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=2))
+    print(
+        f"  {dataset.name} {label} seed {seed}: Dice {pooled.dice_mean:.4f} ({seconds:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def evaluate_interior(bundle: Any, dataset: Dataset) -> float:
+    """Dice of the inverted membrane prediction against the interior (label 255)."""
+    from napari_unetquant.data.io import read_volume
+    from napari_unetquant.infer import segment_volume
+    from napari_unetquant.metrics import segmentation_scores
+
+    image_path, label_path = dataset.test[0]
+    volume = read_volume(image_path)
+    probabilities = segment_volume(bundle, volume, InferConfig(), "cpu")
+    interior_true = read_volume(label_path).array != 0
+    return segmentation_scores(probabilities < 0.5, interior_true).dice_mean
+
+
+def run_dataset(
+    dataset: Dataset, seeds: int, fp_steps: int, quant_steps: int
+) -> list[dict[str, Any]]:
+    results = []
+    for seed in range(seeds):
+        fp = _run(dataset, "FP", QuantConfig(), seed, fp_steps, None)
+        results.append(fp)
+        for label, quant, every_seed in ROWS[1:]:
+            if seed == 0 or every_seed:
+                results.append(_run(dataset, label, quant, seed, quant_steps, fp["model"]))
+    return results
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sd per (dataset, row); the drop is against FP's mean on the same dataset."""
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        fp_mean = statistics.mean(
+            r["dice_mean"] for r in results if r["dataset"] == dataset and r["row"] == "FP"
+        )
+        for label, _, _ in ROWS:
+            runs = [r for r in results if r["dataset"] == dataset and r["row"] == label]
+            if not runs:
+                continue
+            dice = [r["dice_mean"] for r in runs]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "row": label,
+                    "seeds": len(runs),
+                    "dice": statistics.mean(dice),
+                    "dice_sd": statistics.stdev(dice) if len(dice) > 1 else None,
+                    "drop": fp_mean - statistics.mean(dice),
+                    "dice_interior": statistics.mean(
+                        r.get("dice_interior", float("nan")) for r in runs
+                    ),
+                    "weight_bits": runs[0]["weight_bits"],
+                    "act_bits": runs[0]["act_bits"],
+                    "mean_weight_bits": runs[0]["mean_weight_bits"],
+                    "stored_kib": runs[0]["stored_bytes"] / 1024,
+                    "ratio": runs[0]["fp32_bytes"] / runs[0]["stored_bytes"],
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], caption: str) -> str:
+    lines = [
+        "| data | setting | seeds | Dice (%) | drop vs FP | interior Dice (%) | stored bits W/A "
+        "| stored KiB | FP32 / stored |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sd = f" ± {100 * r['dice_sd']:.2f}" if r["dice_sd"] is not None else ""
+        interior = "" if np.isnan(r["dice_interior"]) else f"{100 * r['dice_interior']:.2f}"
+        lines.append(
+            f"| {r['dataset']} | {r['row']} | {r['seeds']} | {100 * r['dice']:.2f}{sd} | "
+            f"{100 * r['drop']:+.2f} | {interior} | {r['weight_bits']}/{r['act_bits']} | "
+            f"{r['stored_kib']:.1f} | {r['ratio']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n\n" + caption
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        for axis, key, name in (
+            (axes[0], "mean_weight_bits", "mean stored weight bits"),
+            (axes[1], "stored_kib", "stored model size (KiB)"),
+        ):
+            axis.scatter([r[key] for r in mine], [100 * r["dice"] for r in mine], label=dataset)
+            for r in mine:
+                axis.annotate(r["row"].split(" (")[0], (r[key], 100 * r["dice"]), fontsize=7)
+            axis.set_xlabel(name)
+            axis.set_ylabel("Dice (%)")
+            axis.set_xscale("log", base=2)
+    axes[0].legend()
+    figure.suptitle("Dice against bits and model size (U-Net base 16, CPU protocol)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one seed, short runs")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fp-steps", type=int, default=2000)
+    parser.add_argument("--quant-steps", type=int, default=800)
+    parser.add_argument("--datasets", nargs="+", default=["em", "gm"], choices=["em", "gm"])
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.fp_steps, args.quant_steps = 1, 400, 150
+    datasets = {"em": lambda: _isbi(RUNS / "data"), "gm": _gm}
+    results = []
+    for name in args.datasets:
+        dataset = datasets[name]()
+        print(
+            f"{dataset.name}: {args.seeds} seed(s), FP {args.fp_steps} steps, "
+            f"quantized {args.quant_steps} steps",
+            flush=True,
+        )
+        results += run_dataset(dataset, args.seeds, args.fp_steps, args.quant_steps)
+    rows = summarise(results)
+    info = machine()
+    caption = (
+        f"U-Net base width 16 (the paper: 64), crops 128, batch 8; FP {args.fp_steps} steps "
+        f"from scratch, quantized rows fine-tuned {args.quant_steps} steps from the FP model of "
+        f"the same seed; Dice = mean per-slice Dice on the test split (EM: membranes of "
+        f"slices 20-23; GM: sub-9604, full slices, original grid). Stored KiB from the "
+        f"model's bit accounting. "
+        f"{machine_line(info)}. Generated by `python benchmarks/paper_table.py"
+        f"{' --quick' if args.quick else ''}`."
+    )
+    table = markdown(rows, caption)
+    name = "paper_table_quick" if args.quick else "paper_table"
+    write_results(name, {"machine": info, "args": vars(args), "runs": results, "rows": rows}, table)
+    plot(rows, RESULTS / f"{name}.png")
+    print(table)
+    if args.update_readme:
+        update_readme(name, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Reading images and labels in the formats users have, and writing masks back.
+
+Every reader returns a :class:`Volume`: a stack of 2D slices ``(S, H, W)`` for the 2D network,
+with the in-plane spacing (mm) and the NIfTI affine when the file carries them, so results can be
+written back on the original grid. Writers go through a temporary file and a rename, so a crash
+never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MASK_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES
+
+
+class InputError(ValueError):
+    """A file that cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Slices ``(S, H, W)`` of an image or label file.
+
+    ``spacing`` is the in-plane pixel size in mm (rows, columns) when the format records it
+    (NIfTI, DICOM); ``affine`` is the NIfTI voxel-to-world matrix of the original file, whose
+    third axis is the slice axis here (``array[s] == data[:, :, s]``).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float] | None = None
+    affine: np.ndarray | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"a Volume holds (S, H, W) slices, got shape {self.array.shape}")
+
+
+def suffix_of(path: Path) -> str:
+    """The lower-case suffix, with ``.nii.gz`` as one suffix."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read an image or label file (TIFF, PNG/JPEG, NIfTI) or a folder (DICOM series, or PNG /
+    JPEG / TIFF slices in name order) as a :class:`Volume`."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        return _read_folder(path)
+    readers: dict[str, Callable[[Path], Volume]] = {
+        **dict.fromkeys(TIFF_SUFFIXES, _read_tiff),
+        **dict.fromkeys(PICTURE_SUFFIXES, _read_picture),
+        **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti),
+    }
+    reader = readers.get(suffix_of(path))
+    if reader is None:
+        raise ValueError(
+            f"{path}: unsupported file type {suffix_of(path)!r}; use TIFF, PNG, JPEG, NIfTI "
+            f"(.nii, .nii.gz) or a folder of DICOM files"
+        )
+    try:
+        return reader(path)
+    except InputError:
+        raise
+    except Exception as error:  # a library's own error on a damaged file
+        raise ValueError(
+            f"{path}: could not be read as {suffix_of(path)} ({type(error).__name__}: {error}); "
+            f"check that the file is complete and of that format"
+        ) from error
+
+
+def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
+    """``(H, W)`` -> ``(1, H, W)``; grey RGB(A) pictures -> grey; anything else is refused."""
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        colour = array[..., :3]
+        if not (
+            np.array_equal(colour[..., 0], colour[..., 1])
+            and np.array_equal(colour[..., 0], colour[..., 2])
+        ):
+            raise InputError(
+                f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
+                f"grey channel, so convert it to greyscale first"
+            )
+        array = colour[..., 0]
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise InputError(
+            f"{path}: {array.ndim}D data of shape {array.shape}; give 2D images or 3D stacks"
+        )
+    if array.size == 0:
+        raise InputError(f"{path}: the image is empty (shape {array.shape})")
+    return array
+
+
+def _read_tiff(path: Path) -> Volume:
+    import tifffile
+
+    return Volume(_as_slices(np.asarray(tifffile.imread(path)), path), source=str(path))
+
+
+def _read_picture(path: Path) -> Volume:
+    import imageio.v3 as iio
+
+    return Volume(_as_slices(np.asarray(iio.imread(path)), path), source=str(path))
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    image = nib.load(path)
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise InputError(
+            f"{path}: NIfTI data of shape {data.shape}; give one 3D volume (split 4D series first)"
+        )
+    zooms = image.header.get_zooms()
+    return Volume(
+        _as_slices(np.moveaxis(data, 2, 0), path),
+        spacing=(float(zooms[0]), float(zooms[1])),
+        affine=np.asarray(image.affine, dtype=np.float64),
+        source=str(path),
+    )
+
+
+def _natural_key(path: Path) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _read_folder(path: Path) -> Volume:
+    files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
+    slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
+    if not slices:
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path, files)
+    arrays = [read_volume(f).array for f in slices]
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise InputError(
+            f"{path}: slices have different sizes {sorted(shapes)}; a folder must hold slices "
+            f"of one size"
+        )
+    return Volume(np.concatenate(arrays), source=str(path))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) that replaces ``path`` on success only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".part{suffix_of(path)}", dir=path.parent
+    )
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_mask(path: str | Path, mask: np.ndarray, like: Volume | None = None) -> None:
+    """Write ``(S, H, W)`` uint8 ``mask`` as TIFF or NIfTI (by ``path``'s extension).
+
+    NIfTI files get ``like``'s affine (or one from its spacing), so they overlay the source.
+    """
+    path = Path(path)
+    suffix = suffix_of(path)
+    if suffix not in MASK_SUFFIXES:
+        raise ValueError(
+            f"{path}: cannot write masks as {suffix!r}; use .tif, .tiff, .nii or .nii.gz"
+        )
+    with atomic_path(path) as temporary:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            tifffile.imwrite(temporary, mask, photometric="minisblack", compression="zlib")
+        else:
+            import nibabel as nib
+
+            image = nib.Nifti1Image(np.moveaxis(mask, 0, 2), _affine(like))
+            image.set_data_dtype(mask.dtype)
+            nib.save(image, temporary)
+
+
+def _affine(like: Volume | None) -> np.ndarray:
+    if like is not None and like.affine is not None:
+        return like.affine
+    affine = np.eye(4)
+    if like is not None and like.spacing is not None:
+        affine[0, 0], affine[1, 1] = like.spacing
+    return affine

@@ -1,0 +1,87 @@
+"""From files to network inputs and back: masks, intensity normalisation, in-plane resampling."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ..config import PreprocessConfig
+from .io import Volume
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """``(image - mean) / std`` as float32 (a constant image becomes zeros)."""
+    values = np.asarray(image, dtype=np.float32)
+    std = float(values.std())
+    normalised: np.ndarray = (values - float(values.mean())) / np.float32(std if std > 0 else 1.0)
+    return normalised
+
+
+def foreground_mask(labels: np.ndarray, foreground_value: int | None = None) -> np.ndarray:
+    """``labels == foreground_value`` (or ``labels != 0`` when ``None``) as uint8 {0, 1}.
+
+    ISBI 2012's membranes are value 0: pass ``foreground_value=0`` to segment them.
+    """
+    values = np.asarray(labels)
+    if values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+            raise ValueError(
+                "labels must be an integer mask, but they hold fractional or NaN values; "
+                "give the label image, not a probability map"
+            )
+    elif values.dtype.kind not in "iub":
+        raise ValueError(f"labels of type {values.dtype} are not an integer mask")
+    mask: np.ndarray = values != 0 if foreground_value is None else values == foreground_value
+    return mask.astype(np.uint8)
+
+
+def normalize(slices: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """``(S, H, W)`` -> float32: per-slice z-score, or a CT window mapped to [-1, 1]."""
+    values = np.asarray(slices, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            "the image holds NaN or Inf pixels; replace them (e.g. with 0) before segmenting"
+        )
+    if config.ct_window is not None:
+        level, width = config.ct_window
+        low = level - width / 2
+        return (np.clip(values, low, low + width) - low) * np.float32(2 / width) - 1
+    return np.stack([zscore(s) for s in values])
+
+
+def target_shape(
+    shape: tuple[int, int], spacing: tuple[float, float] | None, config: PreprocessConfig
+) -> tuple[int, int]:
+    """In-plane size after resampling from ``spacing`` to ``config.spacing``."""
+    if spacing is None or config.spacing is None:
+        return shape
+    return (
+        max(1, round(shape[0] * spacing[0] / config.spacing[0])),
+        max(1, round(shape[1] * spacing[1] / config.spacing[1])),
+    )
+
+
+def resize_slices(slices: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """Resample ``(S, H, W)`` in-plane to ``(S, *shape)``; pixels are areas (``grid_mode``).
+
+    ``order`` 1 (linear) for images and probabilities, 0 (nearest) for label masks.
+    """
+    if tuple(slices.shape[1:]) == tuple(shape):
+        return slices
+    factors = (1.0, shape[0] / slices.shape[1], shape[1] / slices.shape[2])
+    resized: np.ndarray = ndimage.zoom(
+        slices, factors, order=order, mode="nearest", grid_mode=True, prefilter=False
+    )
+    return resized
+
+
+def network_input(volume: Volume, config: PreprocessConfig) -> np.ndarray:
+    """The normalised, resampled ``(S, H', W')`` float32 slices the network sees."""
+    shape = target_shape(volume.array.shape[1:], volume.spacing, config)
+    return normalize(resize_slices(volume.array.astype(np.float32), shape, order=1), config)
+
+
+def network_mask(mask: np.ndarray, volume: Volume, config: PreprocessConfig) -> np.ndarray:
+    """A ``(S, H, W)`` uint8 mask on ``volume``'s grid resampled like :func:`network_input`."""
+    shape = target_shape(volume.array.shape[1:], volume.spacing, config)
+    return resize_slices(mask, shape, order=0)

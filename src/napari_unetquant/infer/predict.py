@@ -1,0 +1,96 @@
+"""Inference: sliding windows with Gaussian blending, and whole volumes on their own grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import InferConfig
+from ..data.io import Volume
+from ..data.preprocess import network_input, resize_slices
+from ..modelio import SegmentationModel
+
+Window = tuple[int, int, int]  # slice index, top row, left column
+
+
+def window_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of windows of ``tile`` covering ``size`` with at least ``overlap`` overlap."""
+    if size <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def gaussian_weights(tile: int) -> np.ndarray:
+    """``(tile, tile)`` blending weights, highest in the centre, never zero at the border."""
+    positions = np.arange(tile) - (tile - 1) / 2
+    profile = np.exp(-(positions**2) / (2 * (tile / 8) ** 2))
+    weights: np.ndarray = np.outer(profile, profile)
+    floored: np.ndarray = np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+    return floored
+
+
+def _windows(shape: tuple[int, int, int], config: InferConfig) -> Iterator[Window]:
+    slices, height, width = shape
+    for index in range(slices):
+        for top in window_starts(height, config.tile, config.overlap):
+            for left in window_starts(width, config.tile, config.overlap):
+                yield index, top, left
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, slices: np.ndarray, config: InferConfig, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Foreground probabilities ``(S, H, W)`` float32 of normalised slices ``(S, H, W)``.
+
+    Images larger than ``config.tile`` are cut into overlapping tiles whose sigmoid outputs are
+    blended with Gaussian weights (no seams); smaller ones go through whole. Tiles from all
+    slices are batched ``config.batch_size`` at a time.
+    """
+    model.eval()
+    height, width = slices.shape[1:]
+    tile_h, tile_w = min(config.tile, height), min(config.tile, width)
+    if max(height, width) > config.tile:
+        weights = gaussian_weights(config.tile)[:tile_h, :tile_w]
+    else:
+        weights = np.ones((tile_h, tile_w), np.float32)
+    total = np.zeros(slices.shape, dtype=np.float32)
+    norm = np.zeros(slices.shape, dtype=np.float32)
+    windows = list(_windows(slices.shape, config))
+    for first in range(0, len(windows), config.batch_size):
+        batch = windows[first : first + config.batch_size]
+        tiles = np.stack([slices[i, r : r + tile_h, c : c + tile_w] for i, r, c in batch])
+        logits = model(torch.from_numpy(tiles[:, None]).to(device))
+        if logits.shape[1] != 1:
+            raise ValueError(
+                f"the model has {logits.shape[1]} output classes; segmentation here is binary "
+                f"(one foreground class)"
+            )
+        probabilities = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+        for (i, r, c), probability in zip(batch, probabilities, strict=True):
+            total[i, r : r + tile_h, c : c + tile_w] += probability * weights
+            norm[i, r : r + tile_h, c : c + tile_w] += weights
+    return total / norm
+
+
+def segment_volume(
+    bundle: SegmentationModel,
+    volume: Volume,
+    config: InferConfig,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Foreground probabilities ``(S, H, W)`` float32 on ``volume``'s own grid.
+
+    The image is resampled and normalised as in training (the model file's preprocessing),
+    predicted, and the probabilities are resampled back before any thresholding.
+    """
+    inputs = network_input(volume, bundle.preprocess)
+    probabilities = predict_probabilities(bundle.model, inputs, config, device)
+    original: tuple[int, int] = (volume.array.shape[1], volume.array.shape[2])
+    resampled: np.ndarray = np.clip(resize_slices(probabilities, original, order=1), 0.0, 1.0)
+    return resampled

@@ -1,0 +1,201 @@
+"""Whole jobs on files: train a model file, segment an image, evaluate against labels.
+
+The shells (CLI, napari widgets) call these; each job reads what it needs, calls the core, and
+writes its results atomically. Training is a generator of the trainer's progress events, so the
+caller shows progress and may stop it between steps; the best model is on disk by then.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
+from .data.io import read_volume, write_mask
+from .devices import resolve_device
+from .infer.predict import segment_volume
+from .metrics import SegmentationScores, segmentation_scores
+from .model import build_unet
+from .modelio import SegmentationModel, load_model, save_model
+from .train import (
+    Event,
+    Trainer,
+    ValidationEvent,
+    checkpoint_path,
+    load_checkpoint,
+    median_spacing,
+    read_pairs,
+    save_checkpoint,
+    slice_set,
+    split_validation,
+)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything ``unetquant train`` needs. ``spacing``: ``"auto"`` (the median spacing of the
+    training images, when they have one), ``None`` (no resampling) or ``(rows, cols)`` mm."""
+
+    images: tuple[str, ...]
+    labels: tuple[str, ...]
+    out: str
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    foreground_value: int | None = None
+    val_images: tuple[str, ...] = ()
+    val_labels: tuple[str, ...] = ()
+    spacing: tuple[float, float] | str | None = AUTO
+    ct_window: tuple[float, float] | None = None
+    init: str | None = None
+    resume: bool = False
+
+
+def _initial_model(job: TrainJob) -> tuple[torch.nn.Module, UNetConfig, PreprocessConfig | None]:
+    """A fresh network, or (``--init``) the weights of a trained one re-quantized for ``job``."""
+    if job.init is None:
+        return build_unet(job.unet, job.quant), job.unet, None
+    source = load_model(job.init)
+    model = build_unet(source.unet, job.quant)
+    weights = {
+        key: value
+        for key, value in source.model.state_dict().items()
+        if "_quantizer." not in key  # quantizer state belongs to the old precision
+    }
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any("_quantizer." not in key for key in missing):
+        raise ValueError(f"{job.init}: its weights do not fit the network it describes")
+    return model, source.unet, source.preprocess
+
+
+def _preprocess(
+    job: TrainJob, pairs: list[Any], inherited: PreprocessConfig | None
+) -> PreprocessConfig:
+    if inherited is not None:  # fine-tuning keeps the preprocessing the model was trained with
+        return inherited
+    spacing = median_spacing(pairs) if job.spacing == AUTO else job.spacing
+    return PreprocessConfig(
+        spacing=spacing if not isinstance(spacing, str) else None, ct_window=job.ct_window
+    )
+
+
+def train_model(job: TrainJob) -> Iterator[Event]:
+    """Train, yield progress events, and keep ``job.out`` holding the best model so far.
+
+    A resume checkpoint beside ``job.out`` is written at every validation and removed when
+    training completes; ``job.resume`` continues from it.
+    """
+    model, unet, inherited = _initial_model(job)
+    pairs = read_pairs(list(job.images), list(job.labels), job.foreground_value)
+    if job.val_images:
+        train_pairs = pairs
+        val_pairs = read_pairs(list(job.val_images), list(job.val_labels), job.foreground_value)
+    else:
+        train_pairs, val_pairs = split_validation(pairs)
+    preprocess = _preprocess(job, pairs, inherited)
+    validation = slice_set(val_pairs, preprocess) if val_pairs else None
+    trainer = Trainer(model, slice_set(train_pairs, preprocess), validation, job.train)
+    identity = _identity(job, unet, preprocess)
+    resume_file = checkpoint_path(job.out)
+    if job.resume and resume_file.exists():
+        load_checkpoint(resume_file, trainer, identity)
+
+    def bundle() -> SegmentationModel:
+        info = _info(job, trainer, len(train_pairs), len(val_pairs))
+        return SegmentationModel(trainer.best_model(), unet, job.quant, preprocess, info)
+
+    for event in trainer.run():
+        if isinstance(event, ValidationEvent):  # saved before the caller sees it (and may stop)
+            if event.improved:
+                save_model(job.out, bundle())
+            save_checkpoint(resume_file, trainer, identity)
+        yield event
+    resume_file.unlink(missing_ok=True)
+
+
+def _identity(job: TrainJob, unet: UNetConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "unet": asdict(unet),
+        "quant": job.quant.label,
+        "train": asdict(job.train),
+        "preprocess": asdict(preprocess),
+    }
+
+
+def _info(job: TrainJob, trainer: Trainer, n_train: int, n_val: int) -> dict[str, Any]:
+    return {
+        "label": job.quant.label,
+        "foreground_value": job.foreground_value,
+        "best_step": trainer.best_step,
+        "steps": trainer.step,
+        "validation_dice": trainer.best_dice,
+        "train_volumes": n_train,
+        "validation_volumes": n_val,
+        "init": job.init,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "napari_unetquant": __version__,
+    }
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Probabilities and mask ``(S, H, W)`` on the image's own grid."""
+
+    probabilities: np.ndarray
+    mask: np.ndarray
+
+
+def segment_file(
+    bundle: SegmentationModel, image_path: str | Path, config: InferConfig, device: str = "auto"
+) -> tuple[Segmentation, Any]:
+    """Segment one image file; returns the segmentation and the image :class:`Volume`."""
+    volume = read_volume(image_path)
+    target = resolve_device(device)
+    bundle.model.to(target)
+    probabilities = segment_volume(bundle, volume, config, target)
+    mask = (probabilities >= config.threshold).astype(np.uint8)
+    return Segmentation(probabilities, mask), volume
+
+
+def segment_to_file(
+    model_path: str, image_path: str, out_path: str, config: InferConfig, device: str = "auto"
+) -> Segmentation:
+    """``unetquant segment``: read, segment, write the mask (TIFF or NIfTI by extension)."""
+    from .data.io import MASK_SUFFIXES, suffix_of
+
+    if suffix_of(Path(out_path)) not in MASK_SUFFIXES:  # fail before the slow part
+        raise ValueError(f"{out_path}: write masks as .tif, .tiff, .nii or .nii.gz")
+    bundle = load_model(model_path)
+    segmentation, volume = segment_file(bundle, image_path, config, device)
+    write_mask(out_path, segmentation.mask, like=volume)
+    return segmentation
+
+
+def evaluate_files(
+    bundle: SegmentationModel,
+    images: list[str],
+    labels: list[str],
+    foreground_value: int | None,
+    config: InferConfig,
+    device: str = "auto",
+) -> list[SegmentationScores]:
+    """Scores of each image's segmentation against its labels, on the original grid."""
+    pairs = read_pairs(images, labels, foreground_value=foreground_value, require_foreground=False)
+    target = resolve_device(device)
+    bundle.model.to(target)
+    scores = []
+    for pair in pairs:
+        probabilities = segment_volume(bundle, pair.image, config, target)
+        scores.append(segmentation_scores(probabilities >= config.threshold, pair.mask))
+    return scores

@@ -1,0 +1,105 @@
+"""From image and label files to training and validation slices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import PreprocessConfig
+from ..data.io import Volume, read_volume
+from ..data.preprocess import foreground_mask, network_input, network_mask
+from .trainer import SliceSet
+
+VALIDATION_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class LabelledVolume:
+    """An image volume and its foreground mask (uint8, same shape)."""
+
+    image: Volume
+    mask: np.ndarray
+
+
+def read_pairs(
+    images: Sequence[str | Path],
+    labels: Sequence[str | Path],
+    foreground_value: int | None = None,
+    require_foreground: bool = True,
+) -> list[LabelledVolume]:
+    """Read image/label files pairwise (in order) and check that they fit together.
+
+    Training needs some foreground (``require_foreground``); evaluation does not.
+    """
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{len(images)} image path(s) but {len(labels)} label path(s); give one label file "
+            f"per image, in the same order"
+        )
+    pairs = []
+    for image_path, label_path in zip(images, labels, strict=True):
+        image, label = read_volume(image_path), read_volume(label_path)
+        if image.array.shape != label.array.shape:
+            raise ValueError(
+                f"{image_path} has shape {image.array.shape} but {label_path} has "
+                f"{label.array.shape}; labels must be on the image's grid"
+            )
+        pairs.append(LabelledVolume(image, foreground_mask(label.array, foreground_value)))
+    if require_foreground and not any(pair.mask.any() for pair in pairs):
+        hint = "" if foreground_value is None else f" (value {foreground_value})"
+        raise ValueError(
+            f"the labels contain no foreground{hint}; check --foreground-value and the files"
+        )
+    return pairs
+
+
+def median_spacing(pairs: list[LabelledVolume]) -> tuple[float, float] | None:
+    """The median in-plane spacing when every image has one (else ``None``: no resampling)."""
+    spacings = [pair.image.spacing for pair in pairs]
+    if not spacings or any(s is None for s in spacings):
+        return None
+    rows, cols = zip(*[s for s in spacings if s is not None], strict=True)
+    return float(np.median(rows)), float(np.median(cols))
+
+
+def slice_set(pairs: list[LabelledVolume], config: PreprocessConfig) -> SliceSet:
+    """Every slice of ``pairs``, resampled and normalised as the network will see it."""
+    parts = [
+        SliceSet.from_stacks(
+            network_input(pair.image, config), network_mask(pair.mask, pair.image, config)
+        )
+        for pair in pairs
+    ]
+    return SliceSet.concat(parts)
+
+
+def split_validation(
+    pairs: list[LabelledVolume],
+) -> tuple[list[LabelledVolume], list[LabelledVolume]]:
+    """Hold out validation data when none is given.
+
+    With three or more volumes the last one is held out (a split by subject); otherwise the
+    last 15% of each volume's slices (at least one slice, when a volume has two or more).
+    """
+    if len(pairs) >= 3:
+        return pairs[:-1], pairs[-1:]
+    train, validation = [], []
+    for pair in pairs:
+        slices = pair.mask.shape[0]
+        held = max(1, round(slices * VALIDATION_FRACTION)) if slices >= 2 else 0
+        cut = slices - held
+        train.append(_subset(pair, slice(0, cut)))
+        if held:
+            validation.append(_subset(pair, slice(cut, slices)))
+    return train, validation
+
+
+def _subset(pair: LabelledVolume, slices: slice) -> LabelledVolume:
+    image = pair.image
+    return LabelledVolume(
+        Volume(image.array[slices], image.spacing, image.affine, image.source),
+        pair.mask[slices],
+    )

@@ -1,0 +1,209 @@
+"""The training loop as a generator of progress events, with validation and best-model keeping.
+
+The caller iterates :meth:`Trainer.run`; it may show the events, save the best model when a
+:class:`ValidationEvent` says it improved, and stop at any step by no longer iterating. The core
+knows nothing of threads, progress bars or files.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import InferConfig, TrainConfig
+from ..data.augment import AugmentConfig, sample_crop
+from ..devices import resolve_device
+from ..infer.predict import predict_probabilities
+from ..metrics import dice_score
+from .losses import bce_dice_loss, soft_dice_loss
+
+ELASTIC = AugmentConfig(elastic_alpha=8.0, elastic_sigma=6.0)  # the paper's GM setting
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    """Normalised 2D slices (float32) and their masks (uint8 {0, 1}); sizes may differ."""
+
+    images: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ValueError("no slices to train on; give at least one image with labels")
+        if len(self.images) != len(self.masks):
+            raise ValueError(f"{len(self.images)} image slices but {len(self.masks)} masks")
+        for index, (image, mask) in enumerate(zip(self.images, self.masks, strict=True)):
+            if image.shape != mask.shape or image.ndim != 2:
+                raise ValueError(
+                    f"slice {index}: image {image.shape} and mask {mask.shape} must be 2D and "
+                    f"of the same shape"
+                )
+
+    @classmethod
+    def from_stacks(cls, images: np.ndarray, masks: np.ndarray) -> SliceSet:
+        """From ``(S, H, W)`` stacks."""
+        return cls(tuple(images.astype(np.float32)), tuple(masks.astype(np.uint8)))
+
+    @classmethod
+    def concat(cls, parts: list[SliceSet]) -> SliceSet:
+        return cls(
+            tuple(i for p in parts for i in p.images), tuple(m for p in parts for m in p.masks)
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished optimisation step (1-based)."""
+
+    step: int
+    steps: int
+    loss: float
+    elapsed_seconds: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class ValidationEvent:
+    """Mean per-slice Dice on the validation slices after ``step``."""
+
+    step: int
+    steps: int
+    dice: float
+    best_dice: float
+    best_step: int
+    improved: bool
+
+
+Event = StepEvent | ValidationEvent
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being finite; the best model so far is kept."""
+
+
+class Trainer:
+    """Adam with a cosine schedule on random augmented crops, validating every few steps.
+
+    Parameters
+    ----------
+    model
+        The (quantized) U-Net; trained in place, on ``config.device``.
+    train, validation
+        Slices to train on and to choose the best model by (``validation=None``: the last
+        model counts as the best).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: SliceSet,
+        validation: SliceSet | None,
+        config: TrainConfig,
+        infer: InferConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_set, self.validation_set = train, validation
+        self.infer = infer or InferConfig(tile=max(512, config.crop))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config.steps
+        )
+        self.step = 0
+        self.best_dice = -1.0
+        self.best_step = 0
+        self.best_state: dict[str, Tensor] | None = None
+        augment = ELASTIC if config.elastic else AugmentConfig()
+        self.augment = augment if config.augment else AugmentConfig.none()
+        self.loss_fn = bce_dice_loss if config.loss == "bce_dice" else soft_dice_loss
+        self._foreground = [np.argwhere(mask).astype(np.float64) for mask in train.masks]
+        torch.manual_seed(config.seed)
+
+    def _centre(self, index: int, rng: np.random.Generator) -> np.ndarray | None:
+        """A random foreground pixel of slice ``index`` (a share of crops), else ``None``."""
+        foreground = self._foreground[index]
+        if len(foreground) == 0 or rng.random() >= self.config.foreground_oversample:
+            return None
+        jitter = rng.uniform(-0.25, 0.25, 2) * self.config.crop
+        centre: np.ndarray = foreground[rng.integers(len(foreground))] + jitter
+        return centre
+
+    def _batch(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        crops = []
+        for i in rng.integers(len(self.train_set), size=self.config.batch_size):
+            image, mask = self.train_set.images[i], self.train_set.masks[i]
+            centre = self._centre(int(i), rng)
+            crops.append(sample_crop(image, mask, self.config.crop, self.augment, rng, centre))
+        images = torch.from_numpy(np.stack([c[0] for c in crops])[:, None])
+        masks = torch.from_numpy(np.stack([c[1] for c in crops])[:, None].astype(np.float32))
+        return images.to(self.device), masks.to(self.device)
+
+    def _optimise(self, images: Tensor, masks: Tensor) -> float:
+        self.model.train()
+        try:
+            loss = self.loss_fn(self.model(images), masks)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()}")
+        except FloatingPointError as error:
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1} ({error}); it stopped and the best "
+                f"model (step {self.best_step}) was kept; lower the learning rate"
+            ) from error
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        self.schedule.step()
+        return float(loss.detach())
+
+    def run(self) -> Iterator[Event]:
+        """Train from the current step to ``config.steps``, yielding events as it goes."""
+        rng = np.random.default_rng([self.config.seed, self.step])
+        start, first_step = time.perf_counter(), self.step
+        while self.step < self.config.steps:
+            loss = self._optimise(*self._batch(rng))
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            remaining = self.config.steps - self.step
+            eta = elapsed / (self.step - first_step) * remaining
+            yield StepEvent(self.step, self.config.steps, loss, elapsed, eta)
+            if self.step % self.config.validate_every == 0 or remaining == 0:
+                yield self.validate()
+
+    def validate(self) -> ValidationEvent:
+        """Score the current model; keep its weights if it is the best so far."""
+        dice = self.validation_dice()
+        improved = dice > self.best_dice
+        if improved:
+            self.best_dice, self.best_step = dice, self.step
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+            }
+        return ValidationEvent(
+            self.step, self.config.steps, dice, self.best_dice, self.best_step, improved
+        )
+
+    def validation_dice(self) -> float:
+        """Mean per-slice Dice on the validation slices (training slices when there are none)."""
+        slices = self.validation_set or self.train_set
+        scores = []
+        for image, mask in zip(slices.images, slices.masks, strict=True):
+            probability = predict_probabilities(self.model, image[None], self.infer, self.device)
+            scores.append(dice_score(probability[0] >= self.infer.threshold, mask))
+        return float(np.mean(scores))
+
+    def best_model(self) -> nn.Module:
+        """A copy of the model with the best validation weights, on the CPU, in eval mode."""
+        model = copy.deepcopy(self.model).cpu()
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        return model.eval()

@@ -1,0 +1,178 @@
+"""Readers and writers on real files in real formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unetquant.data import Volume, read_volume, write_mask
+
+
+def test_isbi_multipage_tiff(shared_data: Path) -> None:
+    volume = read_volume(shared_data / "isbi2012" / "train-volume.tif")
+    labels = read_volume(shared_data / "isbi2012" / "train-labels.tif")
+    assert volume.array.shape == labels.array.shape == (24, 512, 512)
+    assert volume.array.dtype == np.uint8 and volume.spacing is None
+    assert set(np.unique(labels.array)) == {0, 255}
+
+
+def test_nifti_keeps_spacing_affine_and_slices_along_the_third_axis(shared_data: Path) -> None:
+    path = shared_data / "spinal-gm" / "sub-9584" / "image.nii.gz"
+    volume = read_volume(path)
+    reference = nib.load(path)
+    data = np.asanyarray(reference.dataobj)
+    assert volume.array.shape == (17, 384, 210)
+    assert np.array_equal(volume.array[5], data[:, :, 5])
+    assert volume.spacing == pytest.approx((0.4167, 0.4167), abs=1e-3)
+    assert np.array_equal(volume.affine, reference.affine)
+
+
+def test_nifti_mask_round_trip_keeps_the_source_grid(shared_data: Path, tmp_path: Path) -> None:
+    source = read_volume(shared_data / "spinal-gm-tiny" / "t2s.nii.gz")
+    mask = (source.array > np.median(source.array)).astype(np.uint8)
+    out = tmp_path / "mask.nii.gz"
+    write_mask(out, mask, like=source)
+    written = nib.load(out)
+    assert np.array_equal(written.affine, source.affine)
+    assert written.shape == (49, 54, 9)
+    again = read_volume(out)
+    assert np.array_equal(again.array, mask) and again.spacing == source.spacing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"], "no temporary left"
+
+
+def test_tiff_mask_round_trip(tmp_path: Path) -> None:
+    mask = (np.arange(2 * 5 * 7).reshape(2, 5, 7) % 3 == 0).astype(np.uint8)
+    write_mask(tmp_path / "m.tif", mask)
+    assert np.array_equal(tifffile.imread(tmp_path / "m.tif"), mask)
+
+
+def test_png_file_and_folder_of_slices(tmp_path: Path) -> None:
+    slices = np.random.default_rng(0).integers(0, 255, (3, 12, 10), dtype=np.uint8)
+    for index, image in enumerate(slices):  # names that sort wrongly as text: 2, 10, 11
+        iio.imwrite(tmp_path / f"slice{[2, 10, 11][index]}.png", image)
+    assert np.array_equal(read_volume(tmp_path / "slice2.png").array, slices[:1])
+    assert np.array_equal(read_volume(tmp_path).array, slices)
+
+
+def test_grey_rgb_png_becomes_one_channel(tmp_path: Path) -> None:
+    grey = np.random.default_rng(1).integers(0, 255, (9, 8), dtype=np.uint8)
+    iio.imwrite(tmp_path / "rgb.png", np.repeat(grey[..., None], 3, axis=2))
+    assert np.array_equal(read_volume(tmp_path / "rgb.png").array[0], grey)
+
+
+def _write_dicom_series(folder: Path, slices: np.ndarray) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    for index in range(len(slices)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset = FileDataset(
+            str(folder / f"f{index}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128
+        )
+        dataset.Modality = "CT"
+        dataset.Rows, dataset.Columns = slices.shape[1:]
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+        dataset.PixelRepresentation = 0
+        dataset.SamplesPerPixel = 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+        dataset.PixelSpacing = [0.7, 0.8]
+        # files written in reverse order of position: the reader must sort by position
+        dataset.ImagePositionPatient = [0, 0, float(10 - 2.5 * index)]
+        dataset.PixelData = (slices[index] + 1024).astype(np.uint16).tobytes()
+        dataset.save_as(folder / f"f{index}.dcm", enforce_file_format=True)
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_dicom_series_in_hounsfield_units_sorted_by_position(tmp_path: Path) -> None:
+    hu = np.stack([np.full((6, 5), value, dtype=np.int16) for value in (-1000, 0, 40, 300)])
+    _write_dicom_series(tmp_path / "scan", hu)
+    volume = read_volume(tmp_path / "scan")
+    assert np.array_equal(volume.array, hu[::-1].astype(np.float32))
+    assert volume.spacing == pytest.approx((0.7, 0.8))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.tif", "no such file or folder"),
+        (lambda d: _write(d / "notes.docx", b"x"), "unsupported file type '.docx'"),
+        (lambda d: _truncated_tiff(d), "could not be read as .tif"),
+        (lambda d: _colour_png(d), "colour \\(RGB\\) image"),
+        (lambda d: _nifti_4d(d), "give one 3D volume"),
+        (lambda d: _empty_folder(d), "no images found"),
+        (lambda d: _mixed_folder(d), "slices have different sizes"),
+    ],
+    ids=["missing", "suffix", "truncated", "rgb", "4d", "empty-folder", "mixed-sizes"],
+)
+def test_bad_files_give_clear_errors(tmp_path: Path, make: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_volume(make(tmp_path))  # type: ignore[operator]
+
+
+def test_a_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        Path(str(args[0])).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_mask(tmp_path / "out.tif", np.zeros((1, 4, 4), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mask_extension_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"use \.tif, \.tiff, \.nii or \.nii\.gz"):
+        write_mask(tmp_path / "mask.png", np.zeros((1, 2, 2), np.uint8))
+
+
+def test_volume_must_be_a_stack() -> None:
+    with pytest.raises(ValueError, match=r"\(S, H, W\)"):
+        Volume(np.zeros((4, 4)))
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _truncated_tiff(folder: Path) -> Path:
+    full = folder / "full.tif"
+    tifffile.imwrite(
+        full,
+        np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8),
+        photometric="minisblack",
+    )
+    return _write(folder / "cut.tif", full.read_bytes()[:3000])
+
+
+def _colour_png(folder: Path) -> Path:
+    colour = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    iio.imwrite(folder / "colour.png", colour)
+    return folder / "colour.png"
+
+
+def _nifti_4d(folder: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.float32), np.eye(4)), folder / "t.nii.gz")
+    return folder / "t.nii.gz"
+
+
+def _empty_folder(folder: Path) -> Path:
+    (folder / "empty").mkdir()
+    return folder / "empty"
+
+
+def _mixed_folder(folder: Path) -> Path:
+    (folder / "mixed").mkdir()
+    iio.imwrite(folder / "mixed" / "a.png", np.zeros((4, 4), np.uint8))
+    iio.imwrite(folder / "mixed" / "b.png", np.zeros((5, 4), np.uint8))
+    return folder / "mixed"
