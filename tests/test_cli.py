@@ -197,6 +197,51 @@ def test_user_errors_are_one_line_and_exit_2(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--images", "a"], "the following arguments are required: --labels, --out"),
+        (
+            ["train", "--images", "a", "--labels", "b", "--out", "m", "--spacing", "x"],
+            "use auto, none or ROWS,COLS",
+        ),
+        (
+            ["segment", "--model", "m", "--image", "i", "--out", "o.tif", "--threshold", "x"],
+            "invalid float value",
+        ),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_argument_errors_are_one_line_too(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_unavailable_device_and_bad_validation_pairs(
+    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, labels = phantom_files
+    base = [
+        "train",
+        "--images",
+        str(image),
+        "--labels",
+        str(labels),
+        "--out",
+        str(tmp_path / "m.safetensors"),
+        *FAST,
+    ]
+    code, _, err = _run([*base, "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available; use --device cpu" in err
+    code, _, err = _run([*base, "--val-images", str(image)], capsys)
+    assert code == 2 and "give as many --val-labels as --val-images" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_evaluate_pairs_must_match(
     trained: Path, phantom_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

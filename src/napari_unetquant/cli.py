@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO, TypeVar
 
 from .config import (
     FLOAT_BITS,
@@ -25,9 +25,13 @@ from .config import (
     UNetConfig,
 )
 
+Number = TypeVar("Number", int, float)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 NATURAL_BITS = {"ternary": 2, "binary": 1}
+# Fine-tuning a quantized model from a trained one needs fewer steps and a gentler rate.
+FINE_TUNE_STEPS = 800
+FINE_TUNE_LR = 5e-4
 
 
 def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +111,10 @@ def _progress(event: object, out: TextIO | None = None) -> None:
         )
 
 
+def _default(value: Number | None, default: Number) -> Number:
+    return default if value is None else value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .jobs import TrainJob, train_model
 
@@ -117,10 +125,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         quant=quant_config_from_args(args),
         unet=UNetConfig(base_width=args.base_width, depth=args.depth),
         train=TrainConfig(
-            steps=args.steps,
+            steps=_default(args.steps, FINE_TUNE_STEPS if args.init else TrainConfig.steps),
             batch_size=args.batch_size,
             crop=args.crop,
-            learning_rate=args.lr,
+            learning_rate=_default(
+                args.lr, FINE_TUNE_LR if args.init else TrainConfig.learning_rate
+            ),
             loss=args.loss,
             validate_every=args.validate_every,
             augment=not args.no_augment,
@@ -286,7 +296,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
         help="label value of the object (default: every non-zero value)",
     )
     _add_quant_arguments(train)
-    train.add_argument("--steps", type=int, default=TrainConfig.steps)
+    train.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimisation steps (default {TrainConfig.steps}; {FINE_TUNE_STEPS} with --init)",
+    )
     train.add_argument("--init", metavar="MODEL", help="fine-tune from this model's weights")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--seed", type=int, default=0)
@@ -297,7 +311,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     train.add_argument("--depth", type=int, default=UNetConfig.depth)
     train.add_argument("--crop", type=int, default=TrainConfig.crop)
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    train.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    train.add_argument(
+        "--lr",
+        type=float,
+        help=f"learning rate (default {TrainConfig.learning_rate}; {FINE_TUNE_LR} with --init)",
+    )
     train.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     train.add_argument("--validate-every", type=int, default=TrainConfig.validate_every)
     train.add_argument("--no-augment", action="store_true")
@@ -318,13 +336,22 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     train.set_defaults(handler=_cmd_train)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), like every other user error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unetquant",
         description="Quantization-aware training of low-bit fixed-point U-Nets for medical image "
         "segmentation.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     _add_train_parser(commands)
 
     segment = commands.add_parser("segment", help="segment an image with a model file")
