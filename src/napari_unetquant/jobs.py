@@ -62,6 +62,7 @@ class TrainJob:
 
 def _initial_model(job: TrainJob) -> tuple[torch.nn.Module, UNetConfig, PreprocessConfig | None]:
     """A fresh network, or (``--init``) the weights of a trained one re-quantized for ``job``."""
+    torch.manual_seed(job.train.seed)  # the seed decides the initial weights too
     if job.init is None:
         return build_unet(job.unet, job.quant), job.unet, None
     source = load_model(job.init)

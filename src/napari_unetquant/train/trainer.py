@@ -166,10 +166,14 @@ class Trainer:
         return float(loss.detach())
 
     def run(self) -> Iterator[Event]:
-        """Train from the current step to ``config.steps``, yielding events as it goes."""
-        rng = np.random.default_rng([self.config.seed, self.step])
+        """Train from the current step to ``config.steps``, yielding events as it goes.
+
+        Each step draws its crops from a generator seeded by ``(seed, step)``, so a resumed run
+        sees exactly the batches the interrupted one would have seen.
+        """
         start, first_step = time.perf_counter(), self.step
         while self.step < self.config.steps:
+            rng = np.random.default_rng([self.config.seed, self.step])
             loss = self._optimise(*self._batch(rng))
             self.step += 1
             elapsed = time.perf_counter() - start
