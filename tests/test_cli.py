@@ -197,6 +197,65 @@ def test_user_errors_are_one_line_and_exit_2(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_fine_tuning_keeps_the_source_settings(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, labels = phantom_files
+    base = [
+        "train",
+        "--images",
+        str(image),
+        "--labels",
+        str(labels),
+        "--init",
+        str(trained),
+        "--out",
+        str(tmp_path / "q.safetensors"),
+        "--steps",
+        "2",
+        "--crop",
+        "32",
+        "--batch-size",
+        "2",
+        "--validate-every",
+        "2",
+    ]
+    code, _, err = _run([*base, "--base-width", "8"], capsys)
+    assert code == 2 and "leave out --base-width/--depth" in err
+    code, _, err = _run([*base, "--foreground-value", "1"], capsys)
+    assert code == 2 and "foreground value non-zero (leave out --foreground-value)" in err
+    code, _, _ = _run(base, capsys)
+    assert code == 0
+    code, _, err = _run([*base, "--resume"], capsys)
+    assert code == 2 and "nothing to resume" in err
+
+
+def test_unknown_device_is_a_user_error(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _run(
+        [
+            "segment",
+            "--model",
+            str(trained),
+            "--image",
+            str(phantom_files[0]),
+            "--out",
+            str(tmp_path / "m.tif"),
+            "--device",
+            "gpu",
+        ],
+        capsys,
+    )
+    assert code == 2 and "unknown device 'gpu'" in err and not (tmp_path / "m.tif").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -111,6 +111,16 @@ def _progress(event: object, out: TextIO | None = None) -> None:
         )
 
 
+def _unet_from_args(args: argparse.Namespace) -> UNetConfig | None:
+    """The network the options ask for; ``None`` when none is asked for (default or --init's)."""
+    if args.base_width is None and args.depth is None:
+        return None
+    return UNetConfig(
+        base_width=_default(args.base_width, UNetConfig.base_width),
+        depth=_default(args.depth, UNetConfig.depth),
+    )
+
+
 def _default(value: Number | None, default: Number) -> Number:
     return default if value is None else value
 
@@ -123,7 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         labels=tuple(args.labels),
         out=args.out,
         quant=quant_config_from_args(args),
-        unet=UNetConfig(base_width=args.base_width, depth=args.depth),
+        unet=_unet_from_args(args),
         train=TrainConfig(
             steps=_default(args.steps, FINE_TUNE_STEPS if args.init else TrainConfig.steps),
             batch_size=args.batch_size,
@@ -160,6 +170,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if best is None:
+        print(f"{args.out} is already complete: nothing left to train")
+        return 0
     print(f"saved {args.out} ({job.quant.label}, best validation Dice {best:.4f})")
     return 0
 
@@ -307,8 +320,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--val-images", nargs="+", metavar="PATH")
     train.add_argument("--val-labels", nargs="+", metavar="PATH")
-    train.add_argument("--base-width", type=int, default=UNetConfig.base_width)
-    train.add_argument("--depth", type=int, default=UNetConfig.depth)
+    train.add_argument(
+        "--base-width",
+        type=int,
+        help=f"channels of the first level (default {UNetConfig.base_width})",
+    )
+    train.add_argument("--depth", type=int, help=f"pooling levels (default {UNetConfig.depth})")
     train.add_argument("--crop", type=int, default=TrainConfig.crop)
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train.add_argument(

@@ -329,9 +329,11 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.spacing is not None and (
-            len(self.spacing) != 2 or not all(s > 0 for s in self.spacing)
+            len(self.spacing) != 2 or not all(1e-3 <= s <= 100 for s in self.spacing)
         ):
-            raise ValueError(f"spacing must be two positive numbers (mm), got {self.spacing}")
+            raise ValueError(
+                f"spacing must be two numbers between 0.001 and 100 mm, got {self.spacing}"
+            )
         if self.ct_window is not None and (len(self.ct_window) != 2 or self.ct_window[1] <= 0):
             raise ValueError(
                 f"ct_window must be (level, width) with a positive width, got {self.ct_window}; "
@@ -378,8 +380,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith(
-            "cuda:"
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
 

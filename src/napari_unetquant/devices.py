@@ -13,8 +13,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name != "cpu" and name != "mps" and name != "cuda" and not _is_cuda_index(name):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' asked for, but MPS is not available; use --device cpu")
     return torch.device(name)
+
+
+def _is_cuda_index(name: str) -> bool:
+    return name.startswith("cuda:") and name[5:].isdigit()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,19 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything ``unetquant train`` needs. ``spacing``: ``"auto"`` (the median spacing of the
-    training images, when they have one), ``None`` (no resampling) or ``(rows, cols)`` mm."""
+    """Everything ``unetquant train`` needs.
+
+    ``unet``: the network (``None``: the default U-Net, or the ``init`` model's). ``spacing``:
+    ``"auto"`` (the median spacing of the training images, when they have one, or the ``init``
+    model's), ``None`` (no resampling) or ``(rows, cols)`` mm. ``foreground_value``: ``None``
+    means non-zero, or the ``init`` model's value.
+    """
 
     images: tuple[str, ...]
     labels: tuple[str, ...]
     out: str
     quant: QuantConfig = field(default_factory=QuantConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    unet: UNetConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     foreground_value: int | None = None
     val_images: tuple[str, ...] = ()
@@ -60,12 +65,24 @@ class TrainJob:
     resume: bool = False
 
 
-def _initial_model(job: TrainJob) -> tuple[torch.nn.Module, UNetConfig, PreprocessConfig | None]:
+@dataclass(frozen=True)
+class _Start:
+    """The network to train and the settings it must keep."""
+
+    model: torch.nn.Module
+    unet: UNetConfig
+    preprocess: PreprocessConfig | None
+    foreground_value: int | None
+
+
+def _initial_model(job: TrainJob) -> _Start:
     """A fresh network, or (``--init``) the weights of a trained one re-quantized for ``job``."""
     torch.manual_seed(job.train.seed)  # the seed decides the initial weights too
     if job.init is None:
-        return build_unet(job.unet, job.quant), job.unet, None
+        unet = job.unet or UNetConfig()
+        return _Start(build_unet(unet, job.quant), unet, None, job.foreground_value)
     source = load_model(job.init)
+    _check_init_conflicts(job, source)
     model = build_unet(source.unet, job.quant)
     weights = {
         key: value
@@ -75,7 +92,29 @@ def _initial_model(job: TrainJob) -> tuple[torch.nn.Module, UNetConfig, Preproce
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any("_quantizer." not in key for key in missing):
         raise ValueError(f"{job.init}: its weights do not fit the network it describes")
-    return model, source.unet, source.preprocess
+    foreground = source.info.get("foreground_value", job.foreground_value)
+    return _Start(model, source.unet, source.preprocess, foreground)
+
+
+def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
+    """Fine-tuning keeps the network, preprocessing and object of the ``init`` model."""
+    conflicts = []
+    if job.unet is not None and job.unet != source.unet:
+        conflicts.append(f"network {source.unet} (leave out --base-width/--depth)")
+    if job.spacing != AUTO and job.spacing != source.preprocess.spacing:
+        conflicts.append(f"spacing {source.preprocess.spacing} (leave out --spacing)")
+    if job.ct_window is not None and job.ct_window != source.preprocess.ct_window:
+        conflicts.append(f"CT window {source.preprocess.ct_window} (leave out --ct-window)")
+    trained_on = source.info.get("foreground_value")
+    if (
+        job.foreground_value is not None
+        and "foreground_value" in source.info
+        and (job.foreground_value != trained_on)
+    ):
+        value = "non-zero" if trained_on is None else trained_on
+        conflicts.append(f"foreground value {value} (leave out --foreground-value)")
+    if conflicts:
+        raise ValueError(f"{job.init} was trained with " + "; ".join(conflicts))
 
 
 def _preprocess(
@@ -92,52 +131,71 @@ def _preprocess(
 def train_model(job: TrainJob) -> Iterator[Event]:
     """Train, yield progress events, and keep ``job.out`` holding the best model so far.
 
-    A resume checkpoint beside ``job.out`` is written at every validation and removed when
-    training completes; ``job.resume`` continues from it.
+    At every validation the resume checkpoint beside ``job.out`` is written first, then the
+    model if it improved, both before the event is yielded (the caller may stop there). The
+    checkpoint is removed once the last step is done; ``job.resume`` continues from it.
     """
-    model, unet, inherited = _initial_model(job)
-    pairs = read_pairs(list(job.images), list(job.labels), job.foreground_value)
+    start = _initial_model(job)
+    foreground = start.foreground_value
+    pairs = read_pairs(list(job.images), list(job.labels), foreground)
     if job.val_images:
         train_pairs = pairs
-        val_pairs = read_pairs(list(job.val_images), list(job.val_labels), job.foreground_value)
+        val_pairs = read_pairs(list(job.val_images), list(job.val_labels), foreground)
     else:
         train_pairs, val_pairs = split_validation(pairs)
-    preprocess = _preprocess(job, pairs, inherited)
+    preprocess = _preprocess(job, pairs, start.preprocess)
     validation = slice_set(val_pairs, preprocess) if val_pairs else None
-    trainer = Trainer(model, slice_set(train_pairs, preprocess), validation, job.train)
-    identity = _identity(job, unet, preprocess)
+    trainer = Trainer(start.model, slice_set(train_pairs, preprocess), validation, job.train)
+    identity = _identity(job, start.unet, preprocess, foreground)
     resume_file = checkpoint_path(job.out)
-    if job.resume and resume_file.exists():
-        load_checkpoint(resume_file, trainer, identity)
 
     def bundle() -> SegmentationModel:
-        info = _info(job, trainer, len(train_pairs), len(val_pairs))
-        return SegmentationModel(trainer.best_model(), unet, job.quant, preprocess, info)
+        info = _info(job, trainer, foreground, (len(train_pairs), len(val_pairs)))
+        return SegmentationModel(trainer.best_model(), start.unet, job.quant, preprocess, info)
+
+    if job.resume and not resume_file.exists() and Path(job.out).exists():
+        raise ValueError(
+            f"nothing to resume: {job.out} has no checkpoint beside it, so its training "
+            f"finished; drop --resume to train it again (the file will be replaced)"
+        )
+    if job.resume and resume_file.exists():
+        load_checkpoint(resume_file, trainer, identity)
+        if trainer.best_state is not None:  # the model file may predate the checkpoint
+            save_model(job.out, bundle())
 
     for event in trainer.run():
-        if isinstance(event, ValidationEvent):  # saved before the caller sees it (and may stop)
+        if isinstance(event, ValidationEvent):
+            if event.step < event.steps:
+                save_checkpoint(resume_file, trainer, identity)
             if event.improved:
                 save_model(job.out, bundle())
-            save_checkpoint(resume_file, trainer, identity)
+            if event.step == event.steps:
+                resume_file.unlink(missing_ok=True)
         yield event
-    resume_file.unlink(missing_ok=True)
 
 
-def _identity(job: TrainJob, unet: UNetConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def _identity(
+    job: TrainJob, unet: UNetConfig, preprocess: PreprocessConfig, foreground: int | None
+) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
     return {
         "unet": asdict(unet),
-        "quant": job.quant.label,
+        "quant": asdict(job.quant),
         "train": asdict(job.train),
         "preprocess": asdict(preprocess),
+        "data": [list(job.images), list(job.labels), list(job.val_images), list(job.val_labels)],
+        "foreground_value": foreground,
+        "init": job.init,
     }
 
 
-def _info(job: TrainJob, trainer: Trainer, n_train: int, n_val: int) -> dict[str, Any]:
+def _info(
+    job: TrainJob, trainer: Trainer, foreground: int | None, volumes: tuple[int, int]
+) -> dict[str, Any]:
+    n_train, n_val = volumes
     return {
         "label": job.quant.label,
-        "foreground_value": job.foreground_value,
+        "foreground_value": foreground,
         "best_step": trainer.best_step,
         "steps": trainer.step,
         "validation_dice": trainer.best_dice,

@@ -59,6 +59,21 @@ def test_png_file_and_folder_of_slices(tmp_path: Path) -> None:
     assert np.array_equal(read_volume(tmp_path).array, slices)
 
 
+def test_grey_alpha_png_is_one_grey_slice(tmp_path: Path) -> None:
+    grey = np.random.default_rng(2).integers(0, 255, (20, 30), dtype=np.uint8)
+    iio.imwrite(tmp_path / "la.png", np.stack([grey, np.full_like(grey, 255)], axis=-1))
+    assert np.array_equal(read_volume(tmp_path / "la.png").array, grey[None])
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    write_mask(tmp_path / "m.tif", np.zeros((1, 2, 2), np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.tif").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_grey_rgb_png_becomes_one_channel(tmp_path: Path) -> None:
     grey = np.random.default_rng(1).integers(0, 255, (9, 8), dtype=np.uint8)
     iio.imwrite(tmp_path / "rgb.png", np.repeat(grey[..., None], 3, axis=2))
@@ -86,6 +101,8 @@ def _write_dicom_series(folder: Path, slices: np.ndarray) -> None:
         dataset.PhotometricInterpretation = "MONOCHROME2"
         dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
         dataset.PixelSpacing = [0.7, 0.8]
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.SeriesInstanceUID = "1.2.3"
         # files written in reverse order of position: the reader must sort by position
         dataset.ImagePositionPatient = [0, 0, float(10 - 2.5 * index)]
         dataset.PixelData = (slices[index] + 1024).astype(np.uint16).tobytes()
@@ -94,11 +111,41 @@ def _write_dicom_series(folder: Path, slices: np.ndarray) -> None:
 
 
 def test_dicom_series_in_hounsfield_units_sorted_by_position(tmp_path: Path) -> None:
-    hu = np.stack([np.full((6, 5), value, dtype=np.int16) for value in (-1000, 0, 40, 300)])
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)
     _write_dicom_series(tmp_path / "scan", hu)
     volume = read_volume(tmp_path / "scan")
-    assert np.array_equal(volume.array, hu[::-1].astype(np.float32))
-    assert volume.spacing == pytest.approx((0.7, 0.8))
+    # sorted by position (files were written top-down), in NIfTI voxel order (i = DICOM column)
+    assert np.array_equal(volume.array, np.transpose(hu[::-1], (0, 2, 1)).astype(np.float32))
+    assert volume.spacing == pytest.approx((0.8, 0.7))
+    assert volume.affine is not None
+    # voxel (i, j, s) = (column, row, slice) -> RAS mm: LPS axes flipped in x and y
+    assert np.allclose(volume.affine[:3, :3], np.diag([-0.8, -0.7, 2.5]))
+    assert np.allclose(volume.affine[:3, 3], [0, 0, 2.5])
+
+
+def test_labels_in_another_orientation_are_brought_onto_the_image(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    from napari_unetquant.train import read_pairs
+
+    folder = shared_data / "spinal-gm-tiny"
+    source = nib.load(folder / "t2s_gmseg_manual.nii.gz")
+    data = np.asanyarray(source.dataobj)
+    flip = np.array([[-1.0, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    swap = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    flipped = nib.Nifti1Image(data[::-1].copy(), source.affine @ flip)
+    swapped = nib.Nifti1Image(np.swapaxes(data, 0, 1).copy(), source.affine @ swap)
+    nib.save(flipped, tmp_path / "flipped.nii.gz")
+    nib.save(swapped, tmp_path / "swapped.nii.gz")
+    expected = read_pairs([folder / "t2s.nii.gz"], [folder / "t2s_gmseg_manual.nii.gz"])
+    for name in ("flipped", "swapped"):
+        pair = read_pairs([folder / "t2s.nii.gz"], [tmp_path / f"{name}.nii.gz"])[0]
+        assert np.array_equal(pair.mask, expected[0].mask)
+    shifted = nib.Nifti1Image(data, source.affine + np.array([[0, 0, 0, 5.0]] + [[0] * 4] * 3))
+    nib.save(shifted, tmp_path / "shifted.nii.gz")
+    with pytest.raises(ValueError, match="does not lie on the grid"):
+        read_pairs([folder / "t2s.nii.gz"], [tmp_path / "shifted.nii.gz"])
 
 
 @pytest.mark.parametrize(

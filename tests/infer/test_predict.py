@@ -37,8 +37,15 @@ def test_windows_cover_everything_with_the_overlap(size: int, tile: int, overlap
 
 def test_gaussian_weights_peak_in_the_centre_and_never_vanish() -> None:
     weights = gaussian_weights(32)
-    assert weights.shape == (32, 32) and weights.min() > 0
-    assert weights[15:17, 15:17].min() == weights.max()
+    assert weights.shape == (32,) and weights.min() > 0
+    assert weights[15:17].min() == weights.max() == 1.0
+    assert np.array_equal(weights, weights[::-1])
+
+
+def test_images_tiled_along_one_axis_only_blend_smoothly() -> None:
+    slices = np.random.default_rng(3).normal(size=(2, 10, 150)).astype(np.float32)
+    tiled = predict_probabilities(Pointwise(), slices, InferConfig(tile=64, overlap=0.5))
+    assert np.allclose(tiled, 1 / (1 + np.exp(-3 * slices)), atol=1e-6)
 
 
 class Pointwise(nn.Module):

@@ -84,18 +84,7 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
-    """``(H, W)`` -> ``(1, H, W)``; grey RGB(A) pictures -> grey; anything else is refused."""
-    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
-        colour = array[..., :3]
-        if not (
-            np.array_equal(colour[..., 0], colour[..., 1])
-            and np.array_equal(colour[..., 0], colour[..., 2])
-        ):
-            raise InputError(
-                f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
-                f"grey channel, so convert it to greyscale first"
-            )
-        array = colour[..., 0]
+    """``(H, W)`` -> ``(1, H, W)``; ``(S, H, W)`` stays; anything else is refused."""
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
@@ -107,6 +96,22 @@ def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def _grey_picture(array: np.ndarray, path: Path) -> np.ndarray:
+    """A PNG/JPEG as one grey channel: ``(H, W, C)`` pictures must be grey (equal colour
+    channels; an alpha channel is dropped)."""
+    if array.ndim == 3:
+        colour = array[..., : 3 if array.shape[-1] >= 3 else 1]
+        if any(
+            not np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])
+        ):
+            raise InputError(
+                f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
+                f"grey channel, so convert it to greyscale first"
+            )
+        array = colour[..., 0]
+    return _as_slices(array, path)
+
+
 def _read_tiff(path: Path) -> Volume:
     import tifffile
 
@@ -116,7 +121,7 @@ def _read_tiff(path: Path) -> Volume:
 def _read_picture(path: Path) -> Volume:
     import imageio.v3 as iio
 
-    return Volume(_as_slices(np.asarray(iio.imread(path)), path), source=str(path))
+    return Volume(_grey_picture(np.asarray(iio.imread(path)), path), source=str(path))
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -141,6 +146,37 @@ def _read_nifti(path: Path) -> Volume:
     )
 
 
+def labels_on_image_grid(labels: Volume, image: Volume) -> np.ndarray:
+    """``labels.array`` in ``image``'s voxel order.
+
+    Where both files carry an affine (NIfTI, DICOM) and their axes differ in order or direction,
+    the labels are flipped and transposed onto the image's axes; then their grids must agree.
+    """
+    if labels.affine is None or image.affine is None:
+        return labels.array
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(labels.affine), io_orientation(image.affine))
+    voxels = np.moveaxis(labels.array, 0, 2)  # (i, j, slices): NIfTI voxel order
+    aligned = np.moveaxis(apply_orientation(voxels, transform), 2, 0)
+    if aligned.shape == image.array.shape and not np.allclose(
+        _reoriented_affine(labels, transform), image.affine, atol=1e-2
+    ):
+        raise InputError(
+            f"{labels.source} does not lie on the grid of {image.source} (their affines differ); "
+            f"resample the labels onto the image first"
+        )
+    return np.asarray(aligned)
+
+
+def _reoriented_affine(volume: Volume, transform: np.ndarray) -> np.ndarray:
+    from nibabel.orientations import inv_ornt_aff
+
+    assert volume.affine is not None
+    shape = np.moveaxis(volume.array, 0, 2).shape
+    return np.asarray(volume.affine @ inv_ornt_aff(transform, shape))
+
+
 def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
@@ -148,10 +184,19 @@ def _natural_key(path: Path) -> list[object]:
 def _read_folder(path: Path) -> Volume:
     files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
     slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
-    if not slices:
+    others = [f for f in files if f not in slices]
+    if not files:
+        raise InputError(
+            f"{path}: no images found; give a folder of DICOM files or of PNG/JPEG/TIFF slices"
+        )
+    if others:  # DICOM files win over stray pictures (thumbnails) in a scan's folder
         from .dicom import read_dicom_series
 
-        return read_dicom_series(path, files)
+        try:
+            return read_dicom_series(path, others)
+        except InputError:
+            if not slices:
+                raise
     arrays = [read_volume(f).array for f in slices]
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
@@ -172,6 +217,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())  # the data is on disk before the name points to it
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -197,8 +247,11 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume | None = None) -
         else:
             import nibabel as nib
 
-            image = nib.Nifti1Image(np.moveaxis(mask, 0, 2), _affine(like))
+            affine = _affine(like)
+            image = nib.Nifti1Image(np.moveaxis(mask, 0, 2), affine)
             image.set_data_dtype(mask.dtype)
+            image.set_qform(affine, code=1)
+            image.set_sform(affine, code=1)
             nib.save(image, temporary)
 
 

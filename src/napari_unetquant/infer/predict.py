@@ -26,12 +26,19 @@ def window_starts(size: int, tile: int, overlap: float) -> list[int]:
 
 
 def gaussian_weights(tile: int) -> np.ndarray:
-    """``(tile, tile)`` blending weights, highest in the centre, never zero at the border."""
+    """``(tile,)`` blending profile, highest in the centre, never zero at the border."""
     positions = np.arange(tile) - (tile - 1) / 2
     profile = np.exp(-(positions**2) / (2 * (tile / 8) ** 2))
-    weights: np.ndarray = np.outer(profile, profile)
-    floored: np.ndarray = np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+    floored: np.ndarray = np.maximum(profile / profile.max(), 1e-3).astype(np.float32)
     return floored
+
+
+def _blend_weights(height: int, width: int, tile: int) -> np.ndarray:
+    """Weights of one window: Gaussian along each axis that is tiled, flat along the others."""
+    rows = gaussian_weights(tile) if height > tile else np.ones(height, np.float32)
+    cols = gaussian_weights(tile) if width > tile else np.ones(width, np.float32)
+    weights: np.ndarray = np.outer(rows, cols)
+    return weights
 
 
 def _windows(shape: tuple[int, int, int], config: InferConfig) -> Iterator[Window]:
@@ -55,10 +62,7 @@ def predict_probabilities(
     model.eval()
     height, width = slices.shape[1:]
     tile_h, tile_w = min(config.tile, height), min(config.tile, width)
-    if max(height, width) > config.tile:
-        weights = gaussian_weights(config.tile)[:tile_h, :tile_w]
-    else:
-        weights = np.ones((tile_h, tile_w), np.float32)
+    weights = _blend_weights(height, width, config.tile)
     total = np.zeros(slices.shape, dtype=np.float32)
     norm = np.zeros(slices.shape, dtype=np.float32)
     windows = list(_windows(slices.shape, config))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PreprocessConfig
-from ..data.io import Volume, read_volume
+from ..data.io import Volume, labels_on_image_grid, read_volume
 from ..data.preprocess import foreground_mask, network_input, network_mask
 from .trainer import SliceSet
 
@@ -42,12 +42,13 @@ def read_pairs(
     pairs = []
     for image_path, label_path in zip(images, labels, strict=True):
         image, label = read_volume(image_path), read_volume(label_path)
-        if image.array.shape != label.array.shape:
+        label_array = labels_on_image_grid(label, image)
+        if image.array.shape != label_array.shape:
             raise ValueError(
                 f"{image_path} has shape {image.array.shape} but {label_path} has "
-                f"{label.array.shape}; labels must be on the image's grid"
+                f"{label_array.shape}; labels must be on the image's grid"
             )
-        pairs.append(LabelledVolume(image, foreground_mask(label.array, foreground_value)))
+        pairs.append(LabelledVolume(image, foreground_mask(label_array, foreground_value)))
     if require_foreground and not any(pair.mask.any() for pair in pairs):
         hint = "" if foreground_value is None else f" (value {foreground_value})"
         raise ValueError(

@@ -98,8 +98,8 @@ class Trainer:
     model
         The (quantized) U-Net; trained in place, on ``config.device``.
     train, validation
-        Slices to train on and to choose the best model by (``validation=None``: the last
-        model counts as the best).
+        Slices to train on and to choose the best model by (``validation=None``: the best is
+        chosen by Dice on the un-augmented training slices).
     """
 
     def __init__(
@@ -155,9 +155,14 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()}")
         except FloatingPointError as error:
+            kept = (
+                f"the best model (step {self.best_step}) was kept"
+                if self.best_state is not None
+                else "no model was saved yet"
+            )
             raise TrainingDiverged(
-                f"training diverged at step {self.step + 1} ({error}); it stopped and the best "
-                f"model (step {self.best_step}) was kept; lower the learning rate"
+                f"training diverged at step {self.step + 1} ({error}); it stopped and {kept}; "
+                f"lower the learning rate"
             ) from error
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
