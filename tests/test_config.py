@@ -28,6 +28,15 @@ def test_paper_formats_store_one_bit_more_than_the_paper_counts() -> None:
 )
 def test_labels(config: QuantConfig, label: str) -> None:
     assert config.label == label
+    if "/" not in label or label.startswith("Q"):
+        assert QuantConfig.from_label(label) == config
+
+
+def test_paper_label_round_trip_and_bad_labels() -> None:
+    assert QuantConfig.from_label("Q0.4/Q6.0") == QuantConfig.paper()
+    assert QuantConfig.from_label(" w4a6-LSQ ".lower()) == QuantConfig.from_bits(4, 6, "lsq")
+    with pytest.raises(ValueError, match="cannot read the setting 'W4'"):
+        QuantConfig.from_label("W4")
 
 
 def test_one_bit_budgets_are_binary() -> None:

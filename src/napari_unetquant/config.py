@@ -21,6 +21,7 @@ FLOAT_BITS = 32
 METHODS = ("float", "fixed", "lsq", "ternary", "binary")
 DYNAMIC_RULES = ("max", "mse")
 _FORMAT_RE = re.compile(r"^Q(-?\d+)\.(-?\d+)$")
+_LABEL_RE = re.compile(r"^W(\d+)A(\d+)(?:-(fixed|lsq))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,30 @@ class QuantConfig:
             weight=QuantizerConfig.from_bits(method, weight_bits),
             act=QuantizerConfig.from_bits(method, act_bits),
         )
+
+    @classmethod
+    def from_label(cls, text: str) -> QuantConfig:
+        """The inverse of :attr:`label` for the common forms: ``FP``, ``W4A6`` (fixed point),
+        ``W4A4-lsq``, ``Q0.4/Q6.0``, ``ternary``, ``binary``."""
+        label = text.strip()
+        if label.upper() == "FP":
+            return cls()
+        if label.lower() in ("ternary", "binary"):
+            bits = 2 if label.lower() == "ternary" else 1
+            return cls.from_bits(bits, bits, label.lower())
+        if "/" in label and label.upper().startswith("Q"):
+            weight, act = label.split("/", 1)
+            return cls(
+                weight=QuantizerConfig.from_format(weight), act=QuantizerConfig.from_format(act)
+            )
+        match = _LABEL_RE.match(label)
+        if match is None:
+            raise ValueError(
+                f"cannot read the setting {text!r}; write FP, W4A6, W4A4-lsq, Q0.4/Q6.0, "
+                f"ternary or binary"
+            )
+        method = (match.group(3) or "fixed").lower()
+        return cls.from_bits(int(match.group(1)), int(match.group(2)), method)
 
     @classmethod
     def paper(cls) -> QuantConfig:

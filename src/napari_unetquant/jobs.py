@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
-from .data.io import read_volume, write_mask
+from .data.io import Volume, read_volume, write_mask
 from .devices import resolve_device
 from .infer.predict import segment_volume
 from .metrics import SegmentationScores, segmentation_scores
@@ -26,6 +26,7 @@ from .model import build_unet
 from .modelio import SegmentationModel, load_model, save_model
 from .train import (
     Event,
+    LabelledVolume,
     Trainer,
     ValidationEvent,
     checkpoint_path,
@@ -205,6 +206,137 @@ def _info(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "napari_unetquant": __version__,
     }
+
+
+@dataclass
+class TrainingRun:
+    """Training held in memory (for the napari widgets): iterate :meth:`events`, stop by no
+    longer iterating, then take :meth:`best`."""
+
+    trainer: Trainer
+    unet: UNetConfig
+    quant: QuantConfig
+    preprocess: PreprocessConfig
+    info: dict[str, Any]
+
+    def events(self) -> Iterator[Event]:
+        return self.trainer.run()
+
+    def best(self) -> SegmentationModel:
+        """The best model so far (the last one when no validation has run yet)."""
+        info = {
+            **self.info,
+            "best_step": self.trainer.best_step,
+            "steps": self.trainer.step,
+            "validation_dice": self.trainer.best_dice,
+        }
+        return SegmentationModel(
+            self.trainer.best_model(), self.unet, self.quant, self.preprocess, info
+        )
+
+
+def start_training(
+    image: Volume,
+    labels: np.ndarray,
+    quant: QuantConfig,
+    train: TrainConfig,
+    unet: UNetConfig | None = None,
+    init: SegmentationModel | None = None,
+) -> TrainingRun:
+    """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
+    out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes."""
+    torch.manual_seed(train.seed)
+    if init is not None:
+        unet = init.unet
+        model = build_unet(unet, quant)
+        weights = {k: v for k, v in init.model.state_dict().items() if "_quantizer." not in k}
+        model.load_state_dict(weights, strict=False)
+    else:
+        unet = unet or UNetConfig()
+        model = build_unet(unet, quant)
+    mask = labels.astype(np.uint8)
+    if mask.shape != image.array.shape:
+        raise ValueError(
+            f"labels of shape {mask.shape} do not match the image {image.array.shape}; "
+            f"choose the labels drawn on this image"
+        )
+    if not mask.any():
+        raise ValueError("the labels contain no foreground; paint or load some first")
+    train_pairs, val_pairs = split_validation([LabelledVolume(image, mask)])
+    preprocess = (
+        init.preprocess
+        if init is not None
+        else PreprocessConfig(spacing=median_spacing(train_pairs))
+    )
+    validation = slice_set(val_pairs, preprocess) if val_pairs else None
+    trainer = Trainer(model, slice_set(train_pairs, preprocess), validation, train)
+    info = {"label": quant.label, "source": image.source, "napari_unetquant": __version__}
+    return TrainingRun(trainer, unet, quant, preprocess, info)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """One setting of a bit-width sweep: validation Dice against what the model stores."""
+
+    label: str
+    dice: float
+    mean_weight_bits: float
+    stored_bytes: int
+    fp32_bytes: int
+    model: SegmentationModel
+
+    def row(self) -> dict[str, Any]:
+        """The CSV/table row (everything but the model)."""
+        return {
+            "setting": self.label,
+            "validation_dice": round(self.dice, 4),
+            "mean_weight_bits": round(self.mean_weight_bits, 3),
+            "stored_bytes": self.stored_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "compression": round(self.fp32_bytes / self.stored_bytes, 2),
+        }
+
+
+def sweep(
+    image: Volume,
+    labels: np.ndarray,
+    settings: list[QuantConfig],
+    train: TrainConfig,
+    fp_model: SegmentationModel | None = None,
+    unet: UNetConfig | None = None,
+) -> Iterator[Event | SweepResult]:
+    """Train or fine-tune each setting and yield its :class:`SweepResult` (and the trainer's
+    events in between, for progress). Quantized settings are fine-tuned from ``fp_model`` or
+    from the full-precision setting trained earlier in the list; without either, from scratch.
+    """
+    from .quant import bit_report
+
+    for quant in settings:
+        init = None if quant.is_float else fp_model
+        run = start_training(image, labels, quant, train, unet, init)
+        yield from run.events()
+        bundle = run.best()
+        if quant.is_float:
+            fp_model = bundle
+        report = bit_report(bundle.model)
+        yield SweepResult(
+            quant.label,
+            run.trainer.best_dice,
+            report.mean_weight_bits,
+            report.stored_bytes,
+            report.fp32_bytes,
+            bundle,
+        )
+
+
+def segment_array(
+    bundle: SegmentationModel, volume: Volume, config: InferConfig, device: str = "auto"
+) -> Segmentation:
+    """Segment an in-memory volume on its own grid."""
+    target = resolve_device(device)
+    bundle.model.to(target)
+    probabilities = segment_volume(bundle, volume, config, target)
+    return Segmentation(probabilities, (probabilities >= config.threshold).astype(np.uint8))
 
 
 @dataclass(frozen=True)

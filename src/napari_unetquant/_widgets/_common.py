@@ -1,0 +1,99 @@
+"""What the widgets share: layers to volumes, settings that persist, error notifications."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from magicgui.widgets.bases import ValueWidget
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QSettings
+
+from ..config import QuantConfig, QuantizerConfig
+from ..data.io import Volume
+from ._io import VOLUME_KEY
+
+QUANTIZERS = [
+    ("fixed point", "fixed"),
+    ("learned step (LSQ)", "lsq"),
+    ("ternary", "ternary"),
+    ("binary", "binary"),
+    ("full precision", "float"),
+]
+
+
+def layer_volume(layer: Image | Labels) -> Volume:
+    """A layer's data as ``(S, H, W)`` slices, with the spacing the file had (or the layer's
+    scale) so resampling matches the command line."""
+    if isinstance(layer, Image) and layer.rgb:
+        raise ValueError(f"layer {layer.name!r} is colour (RGB); choose a greyscale image")
+    data = np.asarray(layer.data)
+    if data.ndim not in (2, 3):
+        raise ValueError(
+            f"layer {layer.name!r} has {data.ndim} dimensions; choose a 2D image or a 3D stack"
+        )
+    stack = data[None] if data.ndim == 2 else data
+    source = layer.metadata.get(VOLUME_KEY)
+    if isinstance(source, Volume) and source.array.shape == stack.shape:
+        return Volume(stack, source.spacing, source.affine, source.source)
+    scale = tuple(float(s) for s in layer.scale[-2:])
+    spacing = scale if scale != (1.0, 1.0) else None
+    return Volume(stack, spacing, None, layer.name)  # type: ignore[arg-type]
+
+
+def quant_config(method: str, weight_bits: int, act_bits: int, paper: bool) -> QuantConfig:
+    """The widget's quantization choice as a config (full precision, bit budgets, or the
+    paper's exact formats)."""
+    if paper:
+        return QuantConfig.paper()
+    if method == "float":
+        return QuantConfig()
+    if method in ("ternary", "binary"):
+        bits = 2 if method == "ternary" else 1
+        return QuantConfig.from_bits(bits, bits, method)
+    return QuantConfig.from_bits(weight_bits, act_bits, method)
+
+
+def format_text(method: str, weight_bits: int, act_bits: int, paper: bool) -> str:
+    """What the chosen bits mean, e.g. the Q(i.f) formats of fixed point."""
+    if paper:
+        return "weights Q0.4 (5 stored bits), activations Q6.0 (7), as in the paper"
+    if method == "fixed":
+        return (
+            f"sign + {weight_bits - 1} bits (weights), sign + {act_bits - 1} bits "
+            f"(activations); each layer picks its Q(i.f) split"
+        )
+    if method == "lsq":
+        return f"{2**weight_bits} weight levels, {2**act_bits} activation levels, learned steps"
+    return {"ternary": "{-a, 0, a}: 2 stored bits", "binary": "{-a, a}: 1 stored bit"}.get(
+        method, "32-bit floats"
+    )
+
+
+def describe(quant: QuantConfig) -> str:
+    weight: QuantizerConfig = quant.weight
+    return f"{quant.label} ({weight.bits}-bit weights, {quant.act.bits}-bit activations)"
+
+
+def notify_error(error: BaseException) -> None:
+    """Show a worker's or a check's error as a napari notification, never a traceback."""
+    show_error(" ".join(str(error).split()) or type(error).__name__)
+
+
+class Persistent:
+    """Values of some widgets kept between napari sessions (QSettings)."""
+
+    def __init__(self, group: str, widgets: dict[str, ValueWidget[Any]]) -> None:
+        self._settings = QSettings("napari-unetquant", group)
+        for key, widget in widgets.items():
+            stored = self._settings.value(key)
+            if stored is not None:
+                try:
+                    if isinstance(widget.value, bool):
+                        widget.value = str(stored).lower() == "true"
+                    else:
+                        widget.value = type(widget.value)(stored)
+                except (TypeError, ValueError):
+                    pass  # an old or foreign value: keep the default
+            widget.changed.connect(lambda value, key=key: self._settings.setValue(key, value))

@@ -1,0 +1,76 @@
+"""Dock widget: Dice and IoU of prediction Labels layers against a ground-truth layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+from magicgui.widgets import Container, Label, PushButton, Select, Table, create_widget
+
+from ..metrics import SegmentationScores, segmentation_scores
+from ._common import layer_volume, notify_error
+
+
+def _labels_layers(widget: Any) -> list[napari.layers.Labels]:
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return []
+    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
+
+
+class DiceWidget(Container):
+    """Mean Dice, pooled Dice and IoU for one or more predictions (e.g. FP and W4A6) side by
+    side, and a per-slice table: clicking a row moves the viewer to that slice."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.predictions = Select(choices=_labels_layers, label="predictions")
+        self.compute = PushButton(text="Compute Dice")
+        self.summary = Label(value="", label="summary")
+        self.table = Table(value=[[]])
+        self.extend([self.truth, self.predictions, self.compute, self.summary, self.table])
+        self.compute.clicked.connect(self.run)
+        self.table.native.cellClicked.connect(self.go_to_slice)
+        self.scores: dict[str, SegmentationScores] = {}
+
+    def run(self) -> None:
+        """Score every chosen prediction (the Compute button); non-zero labels are foreground."""
+        try:
+            if self.truth.value is None or not self.predictions.value:
+                raise ValueError("choose a ground-truth layer and at least one prediction")
+            truth = layer_volume(self.truth.value).array != 0
+            self.scores = {}
+            for layer in self.predictions.value:
+                prediction = layer_volume(layer).array != 0
+                if prediction.shape != truth.shape:
+                    raise ValueError(
+                        f"{layer.name!r} has shape {prediction.shape} but the ground truth has "
+                        f"{truth.shape}; compare layers of the same image"
+                    )
+                self.scores[layer.name] = segmentation_scores(prediction, truth)
+        except ValueError as error:
+            notify_error(error)
+            return
+        self._show()
+
+    def _show(self) -> None:
+        self.summary.value = "\n".join(
+            f"{name}: mean Dice {s.dice_mean:.4f}, volume Dice {s.dice_volume:.4f}, "
+            f"IoU {s.iou_mean:.4f}"
+            for name, s in self.scores.items()
+        )
+        slices = next(iter(self.scores.values())).n_slices
+        columns: dict[str, list[float]] = {"slice": list(range(slices))}
+        for name, scores in self.scores.items():
+            columns[f"Dice {name}"] = [round(d, 4) for d in scores.dice_per_slice]
+        self.table.value = columns
+
+    def go_to_slice(self, row: int, _column: int = 0) -> None:
+        """Move the viewer to slice ``row`` of the ground truth (a table click)."""
+        layer = self.truth.value
+        if layer is None or layer.data.ndim < 3:
+            return
+        world = layer.translate[0] + row * layer.scale[0]
+        self._viewer.dims.set_point(0, float(world))

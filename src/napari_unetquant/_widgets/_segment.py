@@ -1,0 +1,126 @@
+"""Dock widget: segment an image layer with a model of this session or from a file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import napari
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    PushButton,
+    create_widget,
+)
+from napari.qt.threading import thread_worker
+
+from ..config import InferConfig
+from ..devices import resolve_device
+from ..jobs import Segmentation, segment_array
+from ..modelio import SegmentationModel, load_model
+from ..quant import bit_report
+from . import _session
+from ._common import Persistent, layer_volume, notify_error
+
+FROM_FILE = "model file..."
+
+
+class SegmentWidget(Container):
+    """Run a (quantized) model on an image layer; adds an aligned Labels layer and shows the
+    model's bits, its size and the time taken."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.model = ComboBox(choices=self._model_choices, label="model")
+        self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
+        self.threshold = FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, label="threshold")
+        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.run_button = PushButton(text="Segment")
+        self.info = Label(value="", label="model")
+        self.status = Label(value="", label="result")
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.model_file,
+                self.threshold,
+                self.device,
+                self.run_button,
+                self.info,
+                self.status,
+            ]
+        )
+        self.persist = Persistent("segment", {"threshold": self.threshold, "device": self.device})
+        self.run_button.clicked.connect(self.run)
+        self._refresh = self.model.reset_choices
+        _session.on_change(self._refresh)
+        self.native.destroyed.connect(lambda *_: _session.forget(self._refresh))
+        self.worker: Any = None
+
+    def _model_choices(self, *_: Any) -> list[str]:
+        return [*reversed(list(_session.models())), FROM_FILE]
+
+    def _bundle(self) -> tuple[SegmentationModel, str]:
+        if self.model.value == FROM_FILE:
+            path = Path(str(self.model_file.value))
+            bundle = load_model(path)
+            size = f"{path.stat().st_size / 1024:.0f} KiB on disk"
+        else:
+            bundle = _session.models()[self.model.value]
+            size = f"{bit_report(bundle.model).stored_bytes / 1024:.0f} KiB stored"
+        quant = bundle.quant
+        return (
+            bundle,
+            f"{quant.label}: {quant.weight.bits}-bit weights, "
+            f"{quant.act.bits}-bit activations, {size}",
+        )
+
+    def run(self) -> None:
+        """Segment in a worker thread (the Segment button)."""
+        try:
+            if self.image.value is None:
+                raise ValueError("choose an image layer first")
+            layer = self.image.value
+            volume = layer_volume(layer)
+            bundle, description = self._bundle()
+            config = InferConfig(threshold=self.threshold.value)
+            device = str(resolve_device(self.device.value))
+        except ValueError as error:
+            notify_error(error)
+            return
+        self.info.value = description
+
+        def work() -> tuple[Segmentation, float]:
+            start = time.perf_counter()
+            result = segment_array(bundle, volume, config, device)
+            return result, time.perf_counter() - start
+
+        self.worker = thread_worker(work, progress={"total": 0, "desc": "Segmenting"})()
+        self.worker.returned.connect(lambda result: self._add_layer(layer, bundle, *result))
+        self.worker.errored.connect(notify_error)
+        self.run_button.enabled = False
+        self.worker.finished.connect(lambda: setattr(self.run_button, "enabled", True))
+        self.worker.start()
+
+    def _add_layer(
+        self,
+        layer: napari.layers.Image,
+        bundle: SegmentationModel,
+        segmentation: Segmentation,
+        seconds: float,
+    ) -> None:
+        mask = segmentation.mask if layer.data.ndim == 3 else segmentation.mask[0]
+        self._viewer.add_labels(
+            mask,
+            name=f"{layer.name} {bundle.quant.label}",
+            scale=layer.scale,
+            translate=layer.translate,
+            metadata=dict(layer.metadata),
+        )
+        self.status.value = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"

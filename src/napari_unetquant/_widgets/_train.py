@@ -1,0 +1,197 @@
+"""Dock widget: train a quantized U-Net on an image layer and its ground-truth labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from napari.qt.threading import GeneratorWorker, thread_worker
+from napari.utils.notifications import show_info
+
+from ..config import TrainConfig, UNetConfig
+from ..devices import resolve_device
+from ..jobs import TrainingRun, start_training
+from ..modelio import SegmentationModel, save_model
+from . import _session
+from ._common import QUANTIZERS, Persistent, format_text, layer_volume, notify_error, quant_config
+from ._plot import PlotWidget
+
+
+class TrainWidget(Container):
+    """Train (or fine-tune) a U-Net at the chosen bit widths; Start, Stop, progress, live plot.
+
+    Training runs in a napari worker thread; Stop ends it after the current step and keeps the
+    best model, which joins this session's models (for the Segment widget) and can be saved.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
+        self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
+        self.weight_bits = SpinBox(value=4, min=1, max=8, label="weight bits")
+        self.act_bits = SpinBox(value=6, min=1, max=8, label="activation bits")
+        self.paper = CheckBox(value=False, text="paper formats (Q0.4 / Q6.0)")
+        self.format = Label(label="format")
+        self.fine_tune = CheckBox(value=True, text="fine-tune from this session's FP model")
+        self.steps = SpinBox(value=300, min=1, max=100_000, label="steps")
+        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.start = PushButton(text="Start")
+        self.stop = PushButton(text="Stop", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
+        self.status = Label(value="", label="status")
+        self.save_path = FileEdit(mode="w", filter="*.safetensors", label="save model to")
+        self.save = PushButton(text="Save model", enabled=False)
+        self.extend(
+            [
+                self.image,
+                self.ground_truth,
+                self.network_width,
+                self.quantizer,
+                self.weight_bits,
+                self.act_bits,
+                self.paper,
+                self.format,
+                self.fine_tune,
+                self.steps,
+                self.device,
+                self.start,
+                self.stop,
+                self.progress,
+                self.status,
+                self.save_path,
+                self.save,
+            ]
+        )
+        self.plot = PlotWidget("training", "step", "loss / validation Dice")
+        self.native.layout().addWidget(self.plot)
+        self.persist = Persistent(
+            "train",
+            {
+                "width": self.network_width,
+                "quantizer": self.quantizer,
+                "weight_bits": self.weight_bits,
+                "act_bits": self.act_bits,
+                "steps": self.steps,
+                "device": self.device,
+            },
+        )
+        for widget in (self.quantizer, self.weight_bits, self.act_bits, self.paper):
+            widget.changed.connect(self._show_format)
+        self.start.clicked.connect(self.run)
+        self.stop.clicked.connect(self.request_stop)
+        self.save.clicked.connect(self.save_model)
+        self.worker: GeneratorWorker | None = None
+        self.training: TrainingRun | None = None
+        self.last_model: SegmentationModel | None = None
+        self._show_format()
+
+    def _show_format(self, *_: Any) -> None:
+        self.format.value = format_text(
+            self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
+        )
+
+    def _fp_model(self) -> SegmentationModel | None:
+        models = [m for m in _session.models().values() if m.quant.is_float]
+        return models[-1] if models else None
+
+    def _prepare(self) -> TrainingRun:
+        if self.image.value is None or self.ground_truth.value is None:
+            raise ValueError("choose an image layer and a ground-truth Labels layer first")
+        image = layer_volume(self.image.value)
+        labels = layer_volume(self.ground_truth.value).array
+        quant = quant_config(
+            self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
+        )
+        init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
+        config = TrainConfig(
+            steps=self.steps.value,
+            validate_every=max(10, self.steps.value // 10),
+            learning_rate=5e-4 if init else 1e-3,
+            device=self.device.value,
+        )
+        resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
+        return start_training(
+            image, labels != 0, quant, config, UNetConfig(base_width=self.network_width.value), init
+        )
+
+    def run(self) -> None:
+        """Start training in a worker thread (the Start button)."""
+        try:
+            self.training = self._prepare()
+        except ValueError as error:
+            notify_error(error)
+            return
+        steps = self.training.trainer.config.steps
+        self.progress.max, self.progress.value = steps, 0
+        self.plot.clear()
+        device = self.training.trainer.device
+        self.status.value = f"training {self.training.quant.label} on {device}"
+        training = self.training
+
+        def loop() -> Any:  # a generator function, so napari can stop it between steps
+            yield from training.events()
+
+        self.worker = thread_worker(loop, progress={"total": 0, "desc": "Training U-Net"})()
+        self.worker.yielded.connect(self._on_event)
+        self.worker.errored.connect(notify_error)
+        self.worker.finished.connect(self._finished)
+        self.start.enabled, self.stop.enabled = False, True
+        self.worker.start()
+
+    def request_stop(self) -> None:
+        """Stop after the current step (the Stop button); the best model is kept."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.value = "stopping after this step..."
+
+    def _on_event(self, event: Any) -> None:
+        if hasattr(event, "loss"):
+            self.progress.value = event.step
+            minutes, seconds = divmod(int(event.eta_seconds), 60)
+            self.status.value = (
+                f"step {event.step}/{event.steps}, loss {event.loss:.3f}, "
+                f"ETA {minutes}m{seconds:02d}s"
+            )
+            self.plot.add_point("loss", event.step, event.loss)
+        else:
+            self.plot.add_point("validation Dice", event.step, event.dice)
+
+    def _finished(self) -> None:
+        self.start.enabled, self.stop.enabled = True, False
+        if self.training is None or self.training.trainer.step == 0:
+            return
+        self.last_model = self.training.best()
+        image_name = self.image.value.name if self.image.value is not None else "image"
+        name = _session.add_model(f"{self.last_model.quant.label} ({image_name})", self.last_model)
+        dice = self.last_model.info["validation_dice"]
+        self.status.value = f"done: {name}, validation Dice {dice:.3f}"
+        self.save.enabled = True
+
+    def save_model(self) -> None:
+        """Write the last trained model to the chosen file (the Save button)."""
+        if self.last_model is None:
+            notify_error(ValueError("train a model first"))
+            return
+        path = str(self.save_path.value)
+        if not path.endswith(".safetensors"):
+            path += ".safetensors"
+        try:
+            save_model(path, self.last_model)
+        except (OSError, ValueError) as error:
+            notify_error(error)
+            return
+        show_info(f"saved {path}")

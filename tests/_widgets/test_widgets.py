@@ -1,0 +1,161 @@
+"""The plugin as users meet it: real viewers, docked widgets, clicks, real files."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import napari
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_unetquant._widgets import _session
+from napari_unetquant.metrics import segmentation_scores
+
+PLUGIN = "napari-unetquant"
+WIDGETS = ["Train quantized U-Net", "Segment", "Dice readout", "Bit-width sweep"]
+TIMEOUT = 120_000
+
+
+def _viewer_with_sample(make_napari_viewer: Callable[..., Any]) -> Any:
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "em_phantom")
+    return viewer
+
+
+def _dock(viewer: Any, name: str) -> Any:
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def _train(widget: Any, qtbot: Any, viewer: Any, quantizer: str, steps: int) -> None:
+    widget.image.value = viewer.layers["EM phantom"]
+    widget.ground_truth.value = viewer.layers["EM phantom membranes"]
+    widget.network_width.value, widget.steps.value = 4, steps
+    widget.quantizer.value = quantizer
+    widget.start.clicked()
+    qtbot.waitUntil(lambda: widget.start.enabled, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("name", WIDGETS)
+def test_each_widget_docks(make_napari_viewer: Callable[..., Any], name: str) -> None:
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, name)
+    assert widget.native.isVisible() or widget.native.parent() is not None
+
+
+def test_sample_train_segment_and_dice_end_to_end(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str]
+) -> None:
+    viewer = _viewer_with_sample(make_napari_viewer)
+    train = _dock(viewer, "Train quantized U-Net")
+    _train(train, qtbot, viewer, "float", steps=6)
+    _train(train, qtbot, viewer, "fixed", steps=4)  # W4A6, fine-tuned from the FP model
+    assert errors == []
+    names = list(_session.models())
+    assert [n.split(" ")[0] for n in names] == ["FP", "W4A6"]
+    assert train.last_model.info["steps"] == 4 and "W4A6" in train.status.value
+
+    segment = _dock(viewer, "Segment")
+    segment.model.reset_choices()
+    segment.image.value = viewer.layers["EM phantom"]
+    segment.model.value = names[1]
+    segment.run_button.clicked()
+    qtbot.waitUntil(lambda: "EM phantom W4A6" in viewer.layers, timeout=TIMEOUT)
+    prediction = viewer.layers["EM phantom W4A6"]
+    assert isinstance(prediction, napari.layers.Labels)
+    assert prediction.data.shape == (4, 256, 256)
+    assert tuple(prediction.scale) == tuple(viewer.layers["EM phantom"].scale)
+    assert "4-bit weights" in segment.info.value
+
+    dice = _dock(viewer, "Dice readout")
+    dice.truth.value = viewer.layers["EM phantom membranes"]
+    dice.predictions.reset_choices()
+    dice.predictions.value = [prediction]
+    dice.compute.clicked()
+    expected = segmentation_scores(prediction.data != 0, viewer.layers["EM phantom membranes"].data)
+    assert f"mean Dice {expected.dice_mean:.4f}" in dice.summary.value
+    assert dice.table.shape == (4, 2)
+    dice.go_to_slice(2)
+    assert viewer.dims.current_step[0] == 2
+
+
+def test_stop_ends_training_and_keeps_the_best_model(
+    make_napari_viewer: Callable[..., Any], qtbot: Any
+) -> None:
+    viewer = _viewer_with_sample(make_napari_viewer)
+    train = _dock(viewer, "Train quantized U-Net")
+    train.image.value = viewer.layers["EM phantom"]
+    train.ground_truth.value = viewer.layers["EM phantom membranes"]
+    train.network_width.value, train.steps.value, train.quantizer.value = 4, 2000, "float"
+    train.start.clicked()
+    qtbot.waitUntil(lambda: train.progress.value >= 3, timeout=TIMEOUT)
+    train.stop.clicked()
+    qtbot.waitUntil(lambda: train.start.enabled, timeout=TIMEOUT)
+    assert train.training.trainer.step < 2000
+    assert train.last_model is not None and len(_session.models()) == 1
+
+
+def test_errors_are_notifications(
+    make_napari_viewer: Callable[..., Any], errors: list[str], tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train quantized U-Net")
+    train.start.clicked()
+    assert errors == ["choose an image layer and a ground-truth Labels layer first"]
+    viewer.add_image(np.zeros((4, 32, 32), np.float32), name="blank")
+    viewer.add_labels(np.zeros((4, 32, 32), np.int32), name="empty")
+    train.image.value, train.ground_truth.value = viewer.layers["blank"], viewer.layers["empty"]
+    train.start.clicked()
+    assert "no foreground" in errors[-1]
+    segment = _dock(viewer, "Segment")
+    segment.image.value = viewer.layers["blank"]
+    segment.model_file.value = tmp_path / "model.pt"
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04N.")
+    segment.run_button.clicked()
+    assert "is a pickle" in errors[-1]
+    assert len(viewer.layers) == 2
+
+
+def test_sweep_plots_and_exports_csv(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, tmp_path: Path
+) -> None:
+    viewer = _viewer_with_sample(make_napari_viewer)
+    sweep = _dock(viewer, "Bit-width sweep")
+    sweep.image.value = viewer.layers["EM phantom"]
+    sweep.ground_truth.value = viewer.layers["EM phantom membranes"]
+    sweep.settings.value, sweep.network_width.value = "FP, W4A6, ternary", 4
+    sweep.fp_steps.value, sweep.quant_steps.value = 4, 2
+    sweep.start.clicked()
+    qtbot.waitUntil(lambda: sweep.start.enabled and bool(sweep.results), timeout=TIMEOUT)
+    assert [r.label for r in sweep.results] == ["FP", "W4A6", "ternary"]
+    assert sweep.results[1].stored_bytes < sweep.results[0].stored_bytes
+    assert len(sweep.by_size.series["Dice"]) == 3
+    sweep.csv_path.value = tmp_path / "sweep.csv"
+    sweep.export.clicked()
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [r["setting"] for r in rows] == ["FP", "W4A6", "ternary"]
+    assert float(rows[1]["compression"]) > 5
+
+
+def test_reader_keeps_spacing_and_writer_keeps_the_affine(
+    make_napari_viewer: Callable[..., Any], shared_data: Path, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    folder = shared_data / "spinal-gm-tiny"
+    [image] = viewer.open(folder / "t2s.nii.gz", plugin=PLUGIN)
+    [labels] = viewer.open(folder / "t2s_gmseg_manual.nii.gz", plugin=PLUGIN)
+    assert isinstance(image, napari.layers.Image) and isinstance(labels, napari.layers.Labels)
+    assert image.data.shape == (9, 49, 54)
+    assert np.allclose(image.scale, (7.5, 0.5, 0.5), atol=1e-3)
+    source = nib.load(folder / "t2s_gmseg_manual.nii.gz")
+    out = tmp_path / "saved.nii.gz"
+    labels.save(str(out), plugin=PLUGIN)
+    written = nib.load(out)
+    assert np.allclose(written.affine, source.affine)
+    assert np.array_equal(np.asanyarray(written.dataobj), np.asanyarray(source.dataobj))
+    [tif] = viewer.open(shared_data / "isbi2012" / "train-labels.tif", plugin=PLUGIN)
+    assert isinstance(tif, napari.layers.Labels) and tif.data.shape == (24, 512, 512)
