@@ -12,7 +12,7 @@ APT_PACKAGES := xvfb xauth libgl1 libegl1 libfontconfig1 libdbus-1-3 libxkbcommo
 	libxcb-image0 libxcb-shape0 libxcb-randr0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test lint system-deps screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: $(VENV)/.installed-testing
 
 test: $(VENV)/.installed-testing system-deps lint
 	$(BIN)/python -m pytest
+
+# The README's picture: the real widgets on the generated sample, under a virtual screen.
+screenshots: $(VENV)/.installed-testing system-deps
+	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python benchmarks/screenshots.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qtpy.QtCore import QSettings
-
 from napari_unetquant._widgets import _common, _session
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path: Path) -> None:
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
+def settings_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Widget settings go to a fresh folder, never the user's."""
+    folder = tmp_path / "settings"
+    monkeypatch.setenv(_common.SETTINGS_DIR, str(folder))
+    return folder
 
 
 @pytest.fixture(autouse=True)

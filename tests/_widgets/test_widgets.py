@@ -99,6 +99,17 @@ def test_stop_ends_training_and_keeps_the_best_model(
     assert train.last_model is not None and len(_session.models()) == 1
 
 
+def test_settings_persist_between_sessions(
+    make_napari_viewer: Callable[..., Any], settings_dir: Path
+) -> None:
+    first = _dock(make_napari_viewer(), "Train quantized U-Net")
+    first.quantizer.value, first.weight_bits.value, first.steps.value = "lsq", 3, 77
+    first.native.close()
+    second = _dock(make_napari_viewer(), "Train quantized U-Net")
+    assert (second.quantizer.value, second.weight_bits.value, second.steps.value) == ("lsq", 3, 77)
+    assert (settings_dir / "train.ini").exists()
+
+
 def test_errors_are_notifications(
     make_napari_viewer: Callable[..., Any], errors: list[str], tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,20 @@ def notify_error(error: BaseException) -> None:
     show_error(" ".join(str(error).split()) or type(error).__name__)
 
 
+SETTINGS_DIR = "NAPARI_UNETQUANT_SETTINGS_DIR"
+
+
 class Persistent:
-    """Values of some widgets kept between napari sessions (QSettings)."""
+    """Values of some widgets kept between napari sessions (QSettings; the folder named by
+    ``$NAPARI_UNETQUANT_SETTINGS_DIR`` instead of the user's, when set)."""
 
     def __init__(self, group: str, widgets: dict[str, ValueWidget[Any]]) -> None:
-        self._settings = QSettings("napari-unetquant", group)
+        folder = os.environ.get(SETTINGS_DIR)
+        if folder:
+            path = os.path.join(folder, f"{group}.ini")
+            self._settings = QSettings(path, QSettings.Format.IniFormat)
+        else:
+            self._settings = QSettings("napari-unetquant", group)
         for key, widget in widgets.items():
             stored = self._settings.value(key)
             if stored is not None:
