@@ -31,6 +31,11 @@ FAST = [
 ]
 
 
+def _train_args(files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    image, labels = files
+    return ["train", "--images", str(image), "--labels", str(labels), "--out", str(out), *extra]
+
+
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(argv)
     captured = capsys.readouterr()
@@ -68,11 +73,8 @@ def test_help_works_through_python_dash_m_and_lists_the_contract() -> None:
 def trained(
     phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> Path:
-    image, labels = phantom_files
     out = tmp_path / "fp.safetensors"
-    code, stdout, _ = _run(
-        ["train", "--images", str(image), "--labels", str(labels), "--out", str(out), *FAST], capsys
-    )
+    code, stdout, _ = _run(_train_args(phantom_files, out, *FAST), capsys)
     assert code == 0 and "saved" in stdout
     return out
 
@@ -86,22 +88,17 @@ def test_train_fine_tune_info_segment_evaluate(
     image, labels = phantom_files
     quantized = tmp_path / "w4a6.safetensors"
     code, _, err = _run(
-        [
-            "train",
-            "--images",
-            str(image),
-            "--labels",
-            str(labels),
+        _train_args(
+            phantom_files,
+            quantized,
             "--init",
             str(trained),
             "--weight-bits",
             "4",
             "--act-bits",
             "6",
-            "--out",
-            str(quantized),
             *FAST,
-        ],
+        ),
         capsys,
     )
     assert code == 0 and "validation Dice" in err
@@ -203,17 +200,11 @@ def test_fine_tuning_keeps_the_source_settings(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    image, labels = phantom_files
-    base = [
-        "train",
-        "--images",
-        str(image),
-        "--labels",
-        str(labels),
+    base = _train_args(
+        phantom_files,
+        tmp_path / "q.safetensors",
         "--init",
         str(trained),
-        "--out",
-        str(tmp_path / "q.safetensors"),
         "--steps",
         "2",
         "--crop",
@@ -222,7 +213,7 @@ def test_fine_tuning_keeps_the_source_settings(
         "2",
         "--validate-every",
         "2",
-    ]
+    )
     code, _, err = _run([*base, "--base-width", "8"], capsys)
     assert code == 2 and "leave out --base-width/--depth" in err
     code, _, err = _run([*base, "--foreground-value", "1"], capsys)
@@ -283,17 +274,8 @@ def test_argument_errors_are_one_line_too(
 def test_unavailable_device_and_bad_validation_pairs(
     phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image, labels = phantom_files
-    base = [
-        "train",
-        "--images",
-        str(image),
-        "--labels",
-        str(labels),
-        "--out",
-        str(tmp_path / "m.safetensors"),
-        *FAST,
-    ]
+    image = phantom_files[0]
+    base = _train_args(phantom_files, tmp_path / "m.safetensors", *FAST)
     code, _, err = _run([*base, "--device", "cuda"], capsys)
     assert code == 2 and "CUDA is not available; use --device cpu" in err
     code, _, err = _run([*base, "--val-images", str(image)], capsys)

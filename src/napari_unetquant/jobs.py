@@ -84,7 +84,14 @@ def _initial_model(job: TrainJob) -> _Start:
         return _Start(build_unet(unet, job.quant), unet, None, job.foreground_value)
     source = load_model(job.init)
     _check_init_conflicts(job, source)
-    model = build_unet(source.unet, job.quant)
+    foreground = source.info.get("foreground_value", job.foreground_value)
+    return _Start(requantized(source, job.quant), source.unet, source.preprocess, foreground)
+
+
+def requantized(source: SegmentationModel, quant: QuantConfig) -> torch.nn.Module:
+    """``source``'s network with its trained weights, quantized as ``quant`` says (the start
+    of a fine-tune); the old quantizer state is dropped, everything else must fit."""
+    model = build_unet(source.unet, quant)
     weights = {
         key: value
         for key, value in source.model.state_dict().items()
@@ -92,9 +99,8 @@ def _initial_model(job: TrainJob) -> _Start:
     }
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any("_quantizer." not in key for key in missing):
-        raise ValueError(f"{job.init}: its weights do not fit the network it describes")
-    foreground = source.info.get("foreground_value", job.foreground_value)
-    return _Start(model, source.unet, source.preprocess, foreground)
+        raise ValueError("the model's weights do not fit the network it describes")
+    return model
 
 
 def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
@@ -247,10 +253,7 @@ def start_training(
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes."""
     torch.manual_seed(train.seed)
     if init is not None:
-        unet = init.unet
-        model = build_unet(unet, quant)
-        weights = {k: v for k, v in init.model.state_dict().items() if "_quantizer." not in k}
-        model.load_state_dict(weights, strict=False)
+        unet, model = init.unet, requantized(init, quant)
     else:
         unet = unet or UNetConfig()
         model = build_unet(unet, quant)

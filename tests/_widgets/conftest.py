@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from napari_unetquant._widgets import _common, _session
 
 

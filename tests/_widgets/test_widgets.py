@@ -81,6 +81,17 @@ def test_sample_train_segment_and_dice_end_to_end(
     assert dice.table.shape == (4, 2)
     dice.go_to_slice(2)
     assert viewer.dims.current_step[0] == 2
+    dice.foreground_value.value = "0"  # the other class, as ISBI's membranes (label 0)
+    dice.compute.clicked()
+    inverted = segmentation_scores(
+        prediction.data != 0, viewer.layers["EM phantom membranes"].data == 0
+    )
+    assert f"mean Dice {inverted.dice_mean:.4f}" in dice.summary.value
+    dice.foreground_value.value = "membrane"
+    dice.compute.clicked()
+    assert errors == [
+        "foreground value 'membrane' is not a whole number; leave it empty for non-zero"
+    ]
 
 
 def test_stop_ends_training_and_keeps_the_best_model(

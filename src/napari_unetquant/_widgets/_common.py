@@ -13,6 +13,7 @@ from qtpy.QtCore import QSettings
 
 from ..config import QuantConfig, QuantizerConfig
 from ..data.io import Volume
+from ..data.preprocess import foreground_mask
 from ._io import VOLUME_KEY
 
 QUANTIZERS = [
@@ -41,6 +42,20 @@ def layer_volume(layer: Image | Labels) -> Volume:
     scale = tuple(float(s) for s in layer.scale[-2:])
     spacing = scale if scale != (1.0, 1.0) else None
     return Volume(stack, spacing, None, layer.name)  # type: ignore[arg-type]
+
+
+def foreground(labels: np.ndarray, value: str) -> np.ndarray:
+    """The object mask of a labels array: ``value`` empty means every non-zero label."""
+    text = value.strip()
+    if not text:
+        return foreground_mask(labels)
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError(
+            f"foreground value {value!r} is not a whole number; leave it empty for non-zero"
+        ) from None
+    return foreground_mask(labels, number)
 
 
 def quant_config(method: str, weight_bits: int, act_bits: int, paper: bool) -> QuantConfig:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import napari
-from magicgui.widgets import Container, Label, PushButton, Select, Table, create_widget
+from magicgui.widgets import Container, Label, LineEdit, PushButton, Select, Table, create_widget
 
 from ..metrics import SegmentationScores, segmentation_scores
-from ._common import layer_volume, notify_error
+from ._common import foreground, layer_volume, notify_error
 
 
 def _labels_layers(widget: Any) -> list[napari.layers.Labels]:
@@ -26,11 +26,22 @@ class DiceWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.foreground_value = LineEdit(value="", label="foreground value")
+        self.foreground_value.tooltip = "ground-truth label of the object; empty: non-zero"
         self.predictions = Select(choices=_labels_layers, label="predictions")
         self.compute = PushButton(text="Compute Dice")
         self.summary = Label(value="", label="summary")
         self.table = Table(value=[[]])
-        self.extend([self.truth, self.predictions, self.compute, self.summary, self.table])
+        self.extend(
+            [
+                self.truth,
+                self.foreground_value,
+                self.predictions,
+                self.compute,
+                self.summary,
+                self.table,
+            ]
+        )
         self.compute.clicked.connect(self.run)
         self.table.native.cellClicked.connect(self.go_to_slice)
         self.scores: dict[str, SegmentationScores] = {}
@@ -40,7 +51,7 @@ class DiceWidget(Container):
         try:
             if self.truth.value is None or not self.predictions.value:
                 raise ValueError("choose a ground-truth layer and at least one prediction")
-            truth = layer_volume(self.truth.value).array != 0
+            truth = foreground(layer_volume(self.truth.value).array, self.foreground_value.value)
             self.scores = {}
             for layer in self.predictions.value:
                 prediction = layer_volume(layer).array != 0

@@ -24,7 +24,7 @@ from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..data.io import atomic_path
 from ..jobs import SweepResult, sweep
 from . import _session
-from ._common import Persistent, layer_volume, notify_error
+from ._common import Persistent, foreground, layer_volume, notify_error
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
@@ -39,6 +39,8 @@ class SweepWidget(Container):
         self._viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.foreground_value = LineEdit(value="", label="foreground value")
+        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
         self.settings = LineEdit(value=DEFAULT_SETTINGS, label="settings")
         self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
         self.fp_steps = SpinBox(value=300, min=1, max=100_000, label="FP steps")
@@ -53,6 +55,7 @@ class SweepWidget(Container):
             [
                 self.image,
                 self.ground_truth,
+                self.foreground_value,
                 self.settings,
                 self.network_width,
                 self.fp_steps,
@@ -97,7 +100,9 @@ class SweepWidget(Container):
                 raise ValueError("choose an image layer and a ground-truth Labels layer first")
             settings = self._settings()
             image = layer_volume(self.image.value)
-            labels = layer_volume(self.ground_truth.value).array != 0
+            labels = foreground(
+                layer_volume(self.ground_truth.value).array, self.foreground_value.value
+            )
         except ValueError as error:
             notify_error(error)
             return

@@ -11,6 +11,7 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     Label,
+    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -24,7 +25,15 @@ from ..devices import resolve_device
 from ..jobs import TrainingRun, start_training
 from ..modelio import SegmentationModel, save_model
 from . import _session
-from ._common import QUANTIZERS, Persistent, format_text, layer_volume, notify_error, quant_config
+from ._common import (
+    QUANTIZERS,
+    Persistent,
+    foreground,
+    format_text,
+    layer_volume,
+    notify_error,
+    quant_config,
+)
 from ._plot import PlotWidget
 
 
@@ -40,6 +49,8 @@ class TrainWidget(Container):
         self._viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.foreground_value = LineEdit(value="", label="foreground value")
+        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
         self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
         self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
         self.weight_bits = SpinBox(value=4, min=1, max=8, label="weight bits")
@@ -59,6 +70,7 @@ class TrainWidget(Container):
             [
                 self.image,
                 self.ground_truth,
+                self.foreground_value,
                 self.network_width,
                 self.quantizer,
                 self.weight_bits,
@@ -112,7 +124,9 @@ class TrainWidget(Container):
         if self.image.value is None or self.ground_truth.value is None:
             raise ValueError("choose an image layer and a ground-truth Labels layer first")
         image = layer_volume(self.image.value)
-        labels = layer_volume(self.ground_truth.value).array
+        labels = foreground(
+            layer_volume(self.ground_truth.value).array, self.foreground_value.value
+        )
         quant = quant_config(
             self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
         )
@@ -125,7 +139,7 @@ class TrainWidget(Container):
         )
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
         return start_training(
-            image, labels != 0, quant, config, UNetConfig(base_width=self.network_width.value), init
+            image, labels, quant, config, UNetConfig(base_width=self.network_width.value), init
         )
 
     def run(self) -> None:
