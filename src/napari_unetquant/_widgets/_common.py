@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import napari
 import numpy as np
+from magicgui.widgets import Container, LineEdit, SpinBox, create_widget
 from magicgui.widgets.bases import ValueWidget
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
@@ -122,3 +124,25 @@ class Persistent:
                 except (TypeError, ValueError):
                     pass  # an old or foreign value: keep the default
             widget.changed.connect(lambda value, key=key: self._settings.setValue(key, value))
+
+
+class TrainingInputs(Container):
+    """The inputs every training widget starts with: image, ground truth, the label value of
+    the object, and the network width."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
+        self.foreground_value = LineEdit(value="", label="foreground value")
+        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
+        self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
+        self.extend([self.image, self.ground_truth, self.foreground_value, self.network_width])
+
+    def training_data(self) -> tuple[Volume, np.ndarray]:
+        """The chosen image as a volume and the object mask ``(S, H, W)``."""
+        if self.image.value is None or self.ground_truth.value is None:
+            raise ValueError("choose an image layer and a ground-truth Labels layer first")
+        labels = layer_volume(self.ground_truth.value).array
+        return layer_volume(self.image.value), foreground(labels, self.foreground_value.value)

@@ -8,14 +8,12 @@ from typing import Any
 
 import napari
 from magicgui.widgets import (
-    Container,
     FileEdit,
     Label,
     LineEdit,
     PushButton,
     SpinBox,
     Table,
-    create_widget,
 )
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_info
@@ -24,25 +22,19 @@ from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..data.io import atomic_path
 from ..jobs import SweepResult, sweep
 from . import _session
-from ._common import Persistent, foreground, layer_volume, notify_error
+from ._common import Persistent, TrainingInputs, notify_error
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
 
 
-class SweepWidget(Container):
+class SweepWidget(TrainingInputs):
     """Train or fine-tune a list of bit configurations and plot validation Dice against stored
     bits and model size; the table exports to CSV."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
-        self._viewer = napari_viewer
-        self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
-        self.foreground_value = LineEdit(value="", label="foreground value")
-        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
+        super().__init__(napari_viewer)
         self.settings = LineEdit(value=DEFAULT_SETTINGS, label="settings")
-        self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
         self.fp_steps = SpinBox(value=300, min=1, max=100_000, label="FP steps")
         self.quant_steps = SpinBox(value=150, min=1, max=100_000, label="fine-tune steps")
         self.start = PushButton(text="Run sweep")
@@ -53,11 +45,7 @@ class SweepWidget(Container):
         self.export = PushButton(text="Export CSV", enabled=False)
         self.extend(
             [
-                self.image,
-                self.ground_truth,
-                self.foreground_value,
                 self.settings,
-                self.network_width,
                 self.fp_steps,
                 self.quant_steps,
                 self.start,
@@ -96,13 +84,8 @@ class SweepWidget(Container):
     def run(self) -> None:
         """Start the sweep in a worker thread."""
         try:
-            if self.image.value is None or self.ground_truth.value is None:
-                raise ValueError("choose an image layer and a ground-truth Labels layer first")
             settings = self._settings()
-            image = layer_volume(self.image.value)
-            labels = foreground(
-                layer_volume(self.ground_truth.value).array, self.foreground_value.value
-            )
+            image, labels = self.training_data()
         except ValueError as error:
             notify_error(error)
             return

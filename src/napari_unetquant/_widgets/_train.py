@@ -8,14 +8,11 @@ import napari
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     Label,
-    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
-    create_widget,
 )
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_info
@@ -25,19 +22,11 @@ from ..devices import resolve_device
 from ..jobs import TrainingRun, start_training
 from ..modelio import SegmentationModel, save_model
 from . import _session
-from ._common import (
-    QUANTIZERS,
-    Persistent,
-    foreground,
-    format_text,
-    layer_volume,
-    notify_error,
-    quant_config,
-)
+from ._common import QUANTIZERS, Persistent, TrainingInputs, format_text, notify_error, quant_config
 from ._plot import PlotWidget
 
 
-class TrainWidget(Container):
+class TrainWidget(TrainingInputs):
     """Train (or fine-tune) a U-Net at the chosen bit widths; Start, Stop, progress, live plot.
 
     Training runs in a napari worker thread; Stop ends it after the current step and keeps the
@@ -45,13 +34,7 @@ class TrainWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
-        self._viewer = napari_viewer
-        self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
-        self.foreground_value = LineEdit(value="", label="foreground value")
-        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
-        self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
+        super().__init__(napari_viewer)
         self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
         self.weight_bits = SpinBox(value=4, min=1, max=8, label="weight bits")
         self.act_bits = SpinBox(value=6, min=1, max=8, label="activation bits")
@@ -68,10 +51,6 @@ class TrainWidget(Container):
         self.save = PushButton(text="Save model", enabled=False)
         self.extend(
             [
-                self.image,
-                self.ground_truth,
-                self.foreground_value,
-                self.network_width,
                 self.quantizer,
                 self.weight_bits,
                 self.act_bits,
@@ -121,12 +100,7 @@ class TrainWidget(Container):
         return models[-1] if models else None
 
     def _prepare(self) -> TrainingRun:
-        if self.image.value is None or self.ground_truth.value is None:
-            raise ValueError("choose an image layer and a ground-truth Labels layer first")
-        image = layer_volume(self.image.value)
-        labels = foreground(
-            layer_volume(self.ground_truth.value).array, self.foreground_value.value
-        )
+        image, labels = self.training_data()
         quant = quant_config(
             self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
         )
