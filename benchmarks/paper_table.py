@@ -96,11 +96,27 @@ def _gm() -> Dataset:
     )
 
 
+@dataclass(frozen=True)
+class Setup:
+    """The network width and the device (``--paper-size`` and ``--device``)."""
+
+    base_width: int = 16
+    device: str = "auto"
+
+
 def _run(
-    dataset: Dataset, label: str, quant: QuantConfig, seed: int, steps: int, init: str | None
+    dataset: Dataset,
+    label: str,
+    quant: QuantConfig,
+    seed: int,
+    steps: int,
+    init: str | None,
+    setup: Setup,
 ) -> dict[str, Any]:
     """Train (or reuse) one model and score it on the test split."""
     key = f"{dataset.name.split()[0]}-{label.split()[0]}-{label.split()[-1]}-s{seed}-{steps}"
+    if setup.base_width != Setup.base_width:
+        key += f"-w{setup.base_width}"
     if init is not None:
         key += f"-from-{Path(init).stem}"
     key = key.replace("/", "_").replace(".", "").replace("(", "").replace(")", "")
@@ -114,7 +130,7 @@ def _run(
         val_labels=tuple(p[1] for p in dataset.validation),
         out=str(model_path),
         quant=quant,
-        unet=UNetConfig(base_width=16),
+        unet=UNetConfig(base_width=setup.base_width),
         train=TrainConfig(
             steps=steps,
             seed=seed,
@@ -122,6 +138,7 @@ def _run(
             elastic=dataset.elastic,
             validate_every=max(50, steps // 10),
             learning_rate=1e-3 if init is None else 5e-4,
+            device=setup.device,
         ),
         foreground_value=dataset.foreground_value,
         init=init,
@@ -130,7 +147,7 @@ def _run(
     for _ in train_model(job):
         pass
     seconds = time.perf_counter() - start
-    bundle = load_model(model_path)
+    bundle = load_model(model_path)  # scored on the CPU wherever it trained: same numbers
     scores = evaluate_files(
         bundle,
         [p[0] for p in dataset.test],
@@ -186,15 +203,16 @@ def evaluate_interior(bundle: Any, dataset: Dataset) -> float:
 
 
 def run_dataset(
-    dataset: Dataset, seeds: int, fp_steps: int, quant_steps: int
+    dataset: Dataset, seeds: int, steps: tuple[int, int], setup: Setup
 ) -> list[dict[str, Any]]:
+    fp_steps, quant_steps = steps
     results = []
     for seed in range(seeds):
-        fp = _run(dataset, "FP", QuantConfig(), seed, fp_steps, None)
+        fp = _run(dataset, "FP", QuantConfig(), seed, fp_steps, None, setup)
         results.append(fp)
         for label, quant, every_seed in ROWS[1:]:
             if seed == 0 or every_seed:
-                results.append(_run(dataset, label, quant, seed, quant_steps, fp["model"]))
+                results.append(_run(dataset, label, quant, seed, quant_steps, fp["model"], setup))
     return results
 
 
@@ -280,7 +298,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, short runs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fp-steps", type=int, default=2000)
-    parser.add_argument("--quant-steps", type=int, default=800)
+    parser.add_argument("--quant-steps", type=int, default=500)
+    parser.add_argument(
+        "--paper-size",
+        action="store_true",
+        help="the paper's network (widths 64-128-256; meant for a GPU) instead of base 16",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--datasets", nargs="+", default=["em", "gm"], choices=["em", "gm"])
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -288,18 +312,19 @@ def main() -> None:
         args.seeds, args.fp_steps, args.quant_steps = 1, 400, 150
     datasets = {"em": lambda: _isbi(RUNS / "data"), "gm": _gm}
     results = []
+    setup = Setup(base_width=64 if args.paper_size else 16, device=args.device)
     for name in args.datasets:
         dataset = datasets[name]()
         print(
             f"{dataset.name}: {args.seeds} seed(s), FP {args.fp_steps} steps, "
-            f"quantized {args.quant_steps} steps",
+            f"quantized {args.quant_steps} steps, base width {setup.base_width}",
             flush=True,
         )
-        results += run_dataset(dataset, args.seeds, args.fp_steps, args.quant_steps)
+        results += run_dataset(dataset, args.seeds, (args.fp_steps, args.quant_steps), setup)
     rows = summarise(results)
     info = machine()
     caption = (
-        f"U-Net base width 16 (the paper: 64), crops 128, batch 8; FP {args.fp_steps} steps "
+        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; FP {args.fp_steps} steps "
         f"from scratch, quantized rows fine-tuned {args.quant_steps} steps from the FP model of "
         f"the same seed; Dice = mean per-slice Dice on the test split (EM: membranes of "
         f"slices 20-23; GM: sub-9604, full slices, original grid). Stored KiB from the "
