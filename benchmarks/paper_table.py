@@ -324,8 +324,9 @@ def main() -> None:
     rows = summarise(results)
     info = machine()
     caption = (
-        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; FP {args.fp_steps} steps "
-        f"from scratch, quantized rows fine-tuned {args.quant_steps} steps from the FP model of "
+        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; "
+        f"FP {args.fp_steps} steps from scratch, quantized rows fine-tuned "
+        f"{args.quant_steps} steps from the FP model of "
         f"the same seed; Dice = mean per-slice Dice on the test split (EM: membranes of "
         f"slices 20-23; GM: sub-9604, full slices, original grid). Stored KiB from the "
         f"model's bit accounting. "
