@@ -309,7 +309,7 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.fp_steps, args.quant_steps = 1, 400, 150
+        args.seeds, args.fp_steps, args.quant_steps = 1, 300, 100
     datasets = {"em": lambda: _isbi(RUNS / "data"), "gm": _gm}
     results = []
     setup = Setup(base_width=64 if args.paper_size else 16, device=args.device)
