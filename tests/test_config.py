@@ -39,6 +39,12 @@ def test_paper_label_round_trip_and_bad_labels() -> None:
         QuantConfig.from_label("W4")
 
 
+def test_dynamic_weights_fit_by_error_and_activations_cover_their_peak() -> None:
+    config = QuantConfig.from_bits(4, 6)
+    assert (config.weight.dynamic_rule, config.act.dynamic_rule) == ("mse", "max")
+    assert QuantConfig.from_bits(4, 4, "lsq").act == QuantizerConfig(method="lsq", bits=4)
+
+
 def test_one_bit_budgets_are_binary() -> None:
     assert QuantizerConfig.from_bits("fixed", 1) == QuantizerConfig(method="binary", bits=1)
     assert QuantConfig.from_bits(1, 4).label == "W1A4-binary/fixed"

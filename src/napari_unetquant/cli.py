@@ -63,19 +63,17 @@ def quant_config_from_args(args: argparse.Namespace, default_bits: int = FLOAT_B
     ternary (2) and binary (1); 32 always means full precision.
     """
 
-    def one(bits: int | None, name: str | None) -> QuantizerConfig:
+    def one(bits: int | None, name: str | None, activations: bool) -> QuantizerConfig:
         if name:
             return QuantizerConfig.from_format(name)
         if bits is None:
             bits = NATURAL_BITS.get(args.quantizer, default_bits)
-        if bits == FLOAT_BITS:
-            return QuantizerConfig()
-        return QuantizerConfig.from_bits(args.quantizer, bits)
+        return QuantizerConfig.from_bits(args.quantizer, bits, activations=activations)
 
     edges = () if args.quantize_edges else QuantConfig().edge_layers
     return QuantConfig(
-        weight=one(args.weight_bits, args.weight_format),
-        act=one(args.act_bits, args.act_format),
+        weight=one(args.weight_bits, args.weight_format, activations=False),
+        act=one(args.act_bits, args.act_format, activations=True),
         edge_layers=edges,
     )
 

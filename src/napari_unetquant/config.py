@@ -161,17 +161,22 @@ class QuantizerConfig:
         )
 
     @classmethod
-    def from_bits(cls, method: str, bits: int) -> QuantizerConfig:
+    def from_bits(cls, method: str, bits: int, *, activations: bool = False) -> QuantizerConfig:
         """A quantizer of ``method`` with ``bits`` stored bits; ``bits == 32`` is full precision.
 
         One bit leaves a fixed-point or learned-step format no magnitude bit, so ``bits == 1``
         gives the binary quantizer whatever ``method`` says (W1A4 = binary weights).
+        Dynamic fixed point picks weight formats by squared error (``"mse"``, clipping rare
+        outliers) but activation formats that cover their running peak (``"max"``): activations
+        at inference, on images from other scanners or sites, must not be clipped to a range
+        fitted to the training images' bulk.
         """
         if bits == FLOAT_BITS:
             return FLOAT
         if bits == 1 and method in ("fixed", "lsq"):
             return cls(method="binary", bits=1)
-        return cls(method=method, bits=bits)
+        rule = "max" if activations and method == "fixed" else "mse"
+        return cls(method=method, bits=bits, dynamic_rule=rule)
 
 
 FLOAT = QuantizerConfig()
@@ -251,7 +256,7 @@ class QuantConfig:
         """Stored-bit budgets such as W4A6 (ternary needs 2 and binary 1 bit; 32 is float)."""
         return cls(
             weight=QuantizerConfig.from_bits(method, weight_bits),
-            act=QuantizerConfig.from_bits(method, act_bits),
+            act=QuantizerConfig.from_bits(method, act_bits, activations=True),
         )
 
     @classmethod
