@@ -13,7 +13,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QSettings
 
-from ..config import QuantConfig, QuantizerConfig
+from ..config import QuantConfig
 from ..data.io import Volume
 from ..data.preprocess import foreground_mask
 from ._io import VOLUME_KEY
@@ -87,11 +87,6 @@ def format_text(method: str, weight_bits: int, act_bits: int, paper: bool) -> st
     return {"ternary": "{-a, 0, a}: 2 stored bits", "binary": "{-a, a}: 1 stored bit"}.get(
         method, "32-bit floats"
     )
-
-
-def describe(quant: QuantConfig) -> str:
-    weight: QuantizerConfig = quant.weight
-    return f"{quant.label} ({weight.bits}-bit weights, {quant.act.bits}-bit activations)"
 
 
 def notify_error(error: BaseException) -> None:
