@@ -1,9 +1,13 @@
 """Model files: one safetensors file, configuration in its metadata, never a pickle.
 
-Layout: the tensors are the model's ``state_dict`` (weights, BatchNorm statistics, learned steps
-and quantizer state); the metadata holds ``format``, ``version`` and a JSON ``config`` with the
-U-Net, quantization and preprocessing settings plus a training summary. Loading reads and checks
-the metadata before it builds anything, and safetensors parses no code.
+Two layouts share the format. ``state_dict`` (version 1, what training writes): the tensors are
+the model's ``state_dict`` (float weights, BatchNorm statistics, learned steps and quantizer
+state). ``packed`` (version 2, ``save_model(..., packed=True)`` or ``unetquant export``):
+quantized weights as integer codes packed at their bit width, BatchNorm folded (see
+:mod:`napari_unetquant.packed`). The metadata holds ``format``, ``version``, ``layout`` and a JSON
+``config`` with the U-Net, quantization and preprocessing settings plus a training summary
+(packed files add ``layers``). Loading reads and checks the metadata before it builds anything,
+and safetensors parses no code.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from .config import (
     UNetConfig,
 )
 from .data.io import atomic_path
-from .model import build_unet
+from .model import FoldedBatchNorm2d, build_unet
+from .packed import LAYOUT_PACKED, LAYOUT_STATE_DICT, pack_model, packed_network
 
 FORMAT = "napari-unetquant-model"
-VERSION = 1
+VERSION = 1  # the state_dict layout
+PACKED_VERSION = 2  # the packed layout
+VERSIONS = {"1": LAYOUT_STATE_DICT, "2": LAYOUT_PACKED}
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
@@ -40,6 +47,7 @@ class SegmentationModel:
     quant: QuantConfig
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     info: dict[str, Any] = field(default_factory=dict)
+    layout: str = LAYOUT_STATE_DICT
 
 
 def quant_from_dict(data: dict[str, Any]) -> QuantConfig:
@@ -68,26 +76,42 @@ def _preprocess_from_dict(data: dict[str, Any]) -> PreprocessConfig:
     )
 
 
-def save_model(path: str | Path, bundle: SegmentationModel) -> None:
-    """Write ``bundle`` to ``path`` (atomically: a crash leaves the previous file intact)."""
+def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = False) -> None:
+    """Write ``bundle`` to ``path`` (atomically: a crash leaves the previous file intact).
+
+    ``packed=True`` writes the packed layout: integer weight codes at their bit width and
+    folded BatchNorm, loading to a network with exactly the same outputs.
+    """
     from safetensors.torch import save_file
 
-    config = {
+    config: dict[str, Any] = {
         "unet": asdict(bundle.unet),
         "quant": asdict(bundle.quant),
         "preprocess": asdict(bundle.preprocess),
         "info": bundle.info,
     }
-    metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    if packed:
+        tensors, config["layers"] = pack_model(bundle.model)
+        version = PACKED_VERSION
+    else:
+        if any(isinstance(m, FoldedBatchNorm2d) for m in bundle.model.modules()):
+            raise ValueError(
+                "this model was loaded from a packed file (BatchNorm folded); save it packed"
+            )
+        tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+        version = VERSION
+    metadata = {"format": FORMAT, "version": str(version), "config": json.dumps(config)}
     with atomic_path(Path(path)) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
 
 
 def _check_not_pickle(path: Path) -> None:
     with path.open("rb") as handle:
-        head = handle.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = handle.read(9)
+    # A safetensors file starts with its header length (8 bytes, little endian) and then "{";
+    # that length can begin with a pickle's magic byte, so recognise safetensors first.
+    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if head.startswith(_PICKLE_MAGIC) and not looks_like_safetensors:
         raise ValueError(
             f"{path} is a pickle (a PyTorch .pt/.pth checkpoint), which can run arbitrary code "
             f"when loaded, so it was not opened; use a model file written by unetquant "
@@ -116,12 +140,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} is a safetensors file but not a napari-unetquant model (format "
             f"{metadata.get('format')!r}); train one with 'unetquant train'"
         )
-    if metadata.get("version") != str(VERSION):
+    version = metadata.get("version")
+    if version not in VERSIONS:
         raise ValueError(
-            f"{path} has model format version {metadata.get('version')}, this napari-unetquant "
-            f"reads version {VERSION}; upgrade napari-unetquant or re-export the model"
+            f"{path} has model format version {version}, this napari-unetquant reads versions "
+            f"{', '.join(VERSIONS)}; upgrade napari-unetquant or re-export the model"
         )
     config: dict[str, Any] = json.loads(metadata["config"])
+    config["layout"] = VERSIONS[version]
     return config
 
 
@@ -136,13 +162,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         preprocess = _preprocess_from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: the model's configuration is invalid ({error})") from error
-    model = build_unet(unet, quant)
-    try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as error:
-        raise ValueError(
-            f"{path}: tensors do not match the configured network ({error}); the file is "
-            f"damaged or was edited"
-        ) from error
+    tensors = load_file(str(path))
+    if config["layout"] == LAYOUT_PACKED:
+        try:
+            model = packed_network(unet, quant, tensors, dict(config.get("layers", {})))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+    else:
+        model = build_unet(unet, quant)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{path}: tensors do not match the configured network ({error}); the file is "
+                f"damaged or was edited"
+            ) from error
     model.to(device).eval()
-    return SegmentationModel(model, unet, quant, preprocess, dict(config.get("info", {})))
+    info = dict(config.get("info", {}))
+    return SegmentationModel(model, unet, quant, preprocess, info, config["layout"])

@@ -1,5 +1,21 @@
 """The U-Net and its building blocks."""
 
-from .unet import ConvBlock, UNet, build_unet
+from .unet import (
+    BatchNorm2d,
+    ConvBlock,
+    FoldedBatchNorm2d,
+    UNet,
+    affine_channels,
+    build_unet,
+    fold_batch_norm,
+)
 
-__all__ = ["ConvBlock", "UNet", "build_unet"]
+__all__ = [
+    "BatchNorm2d",
+    "ConvBlock",
+    "FoldedBatchNorm2d",
+    "UNet",
+    "affine_channels",
+    "build_unet",
+    "fold_batch_norm",
+]

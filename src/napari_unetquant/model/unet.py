@@ -15,6 +15,62 @@ from ..config import QuantConfig, UNetConfig
 from ..quant.layers import prepare
 
 
+def affine_channels(x: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``x * alpha[c] + beta[c]`` over the channel axis of ``(N, C, H, W)``, in one pass
+    (ATen's inference BatchNorm kernel with unit variance and zero mean)."""
+    ones, zeros = torch.ones_like(alpha), torch.zeros_like(alpha)
+    return F.batch_norm(x, zeros, ones, alpha, beta, False, 0.0, 0.0)
+
+
+def fold_batch_norm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Inference BatchNorm as one scale and shift per channel: ``alpha = gamma / sqrt(var +
+    eps)``, ``beta = beta_bn - mean * alpha``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+    alpha = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        alpha = alpha * bn.weight
+    beta = -bn.running_mean * alpha
+    if bn.bias is not None:
+        beta = beta + bn.bias
+    return alpha.detach(), beta.detach()
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose inference pass is the folded form ``x * alpha + beta``, the
+    same arithmetic a packed model file (:class:`FoldedBatchNorm2d`) runs, so both give
+    bit-identical outputs. Training is unchanged."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training or self.running_mean is None:
+            return super().forward(input)
+        alpha, beta = fold_batch_norm(self)
+        return affine_channels(input, alpha, beta)
+
+
+class FoldedBatchNorm2d(nn.Module):
+    """Inference-only BatchNorm stored as two vectors ``alpha`` and ``beta`` (``(C,)``)."""
+
+    alpha: Tensor
+    beta: Tensor
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("alpha", torch.ones(channels))
+        self.register_buffer("beta", torch.zeros(channels))
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d) -> FoldedBatchNorm2d:
+        folded = cls(bn.num_features)
+        alpha, beta = fold_batch_norm(bn)
+        folded.alpha.copy_(alpha)
+        folded.beta.copy_(beta)
+        return folded.to(alpha.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return affine_channels(x, self.alpha, self.beta)
+
+
 class ConvBlock(nn.Module):
     """Two 3x3 convolutions, each followed by ReLU then BatchNorm (the paper's order).
 
@@ -25,9 +81,9 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, config: UNetConfig) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_channels, momentum=config.bn_momentum)
+        self.bn1: nn.Module = BatchNorm2d(out_channels, momentum=config.bn_momentum)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_channels, momentum=config.bn_momentum)
+        self.bn2: nn.Module = BatchNorm2d(out_channels, momentum=config.bn_momentum)
         self.dropout = nn.Dropout2d(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import FLOAT, QuantConfig, QuantizerConfig
-from .quantizers import Quantizer, build_quantizer
+from .quantizers import FixedPointQuantizer, Quantizer, build_quantizer
 
 
 class QuantConv2d(nn.Conv2d):
@@ -62,10 +62,30 @@ class QuantConv2d(nn.Conv2d):
         weight: Tensor = self.weight_quantizer(self.weight)
         return weight
 
+    overwrite_input = False
+    """Inference may quantize the input tensor in place (set by models whose convolutions
+    receive intermediate tensors no one else reads, such as packed U-Nets)."""
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.overwrite_input and not self.training and not torch.is_grad_enabled():
+            return self._forward_inplace(x)
         inputs: Tensor = self.input_quantizer(x)
         out: Tensor = self._conv_forward(inputs, self.quantized_weight(), self.bias)
         return out
+
+    def _forward_inplace(self, x: Tensor) -> Tensor:
+        """The same outputs as ``forward`` without a quantized copy of the input: fixed-point
+        inputs become integer codes in place and the power-of-two step moves onto the
+        weights (``conv(c * 2**-f, w) == conv(c, w * 2**-f)`` exactly in floating point)."""
+        quantizer = self.input_quantizer
+        weight = self.quantized_weight()
+        if isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen:
+            codes = quantizer.codes_(x)
+            scaled = weight * 2.0 ** -int(quantizer.frac_bits)
+            out: Tensor = self._conv_forward(codes, scaled, self.bias)
+            return out
+        result: Tensor = self._conv_forward(quantizer.quantize_(x), weight, self.bias)
+        return result
 
 
 def conv_names(model: nn.Module) -> list[str]:

@@ -40,6 +40,12 @@ class Quantizer(nn.Module):
         """How many float scales (or shift exponents) this quantizer stores beside the codes."""
         return 0
 
+    def quantize_(self, x: Tensor) -> Tensor:
+        """Inference only: the quantized values of ``x``, computed in ``x``'s own memory where
+        the method allows (the same arithmetic as ``forward``, so the same values)."""
+        result: Tensor = self(x)
+        return result
+
     def _reduce_dims(self, x: Tensor) -> tuple[int, ...]:
         """Axes pooled into one statistic: all but the output channel for weights, all for acts."""
         return tuple(range(1, x.dim())) if self.role == "weight" else tuple(range(x.dim()))
@@ -108,6 +114,20 @@ class FixedPointQuantizer(Quantizer):
             clip_gradient=self.config.clip_gradient,
         )
 
+    @property
+    def frozen(self) -> bool:
+        """True when the format no longer depends on the input (explicit, or frozen act)."""
+        if not self.config.is_dynamic:
+            return True
+        return self.peak is not None and not self.training and bool(self.peak.initialized)
+
+    def codes_(self, x: Tensor) -> Tensor:
+        """Inference only, frozen formats: ``x`` overwritten by its integer codes (values
+        ``codes * 2**-frac_bits`` are what ``forward`` returns; the scaling is exact)."""
+        top = float(2**self.magnitude_bits - 1)
+        bottom = -top if self.config.signed else 0.0
+        return x.mul_(2.0 ** int(self.frac_bits)).clamp_(bottom, top).round_()
+
     def _dynamic_frac_bits(self, x: Tensor) -> int:
         rule = self.config.dynamic_rule
         if self.peak is None:
@@ -158,6 +178,15 @@ class LSQQuantizer(Quantizer):
         return qf.lsq_quantize(
             x, self._broadcast(step, x), self.q_negative, self.q_positive, self._grad_scale(x)
         )
+
+    def quantize_(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            return super().quantize_(x)
+        step = self.step.detach().abs().clamp_min(1e-8)
+        if self.config.power_of_two:
+            step = torch.pow(2.0, torch.round(torch.log2(step)))
+        step = self._broadcast(step, x)
+        return x.div_(step).clamp_(-self.q_negative, self.q_positive).round_().mul_(step)
 
     def _grad_scale(self, x: Tensor) -> float:
         per_step = x.numel() / self.step.numel()

@@ -1,0 +1,101 @@
+"""Export of the integer network for fixed-point hardware or a C implementation.
+
+One safetensors file (8-byte little-endian header length, a JSON header naming every tensor's
+dtype, shape and byte range, then the raw little-endian data), with the network described in
+the metadata entry ``network`` (JSON). The layout and the arithmetic are documented in
+``docs/integer-format.md``; ``tests/infer/test_export.py`` holds a reference reader written with
+the standard library and NumPy only, which runs the exported network and matches
+:class:`~napari_unetquant.infer.integer.IntegerUNet` code for code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data.io import atomic_path
+from ..quant.codes import FrozenWeight, weight_codes
+from .integer import UPSAMPLE_EXTRA_BITS, ActFormat, IntegerUNet
+
+INTEGER_FORMAT = "napari-unetquant-integer"
+INTEGER_VERSION = 1
+
+
+def _format_json(fmt: ActFormat | None) -> dict[str, Any] | None:
+    if fmt is None:
+        return None
+    return {"lo": fmt.lo, "hi": fmt.hi, "step": fmt.step, "frac_bits": fmt.frac_bits}
+
+
+def integer_network(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and the JSON description of ``model``'s integer network."""
+    net = IntegerUNet(model)
+    tensors: dict[str, Tensor] = {}
+    layers = []
+    for name, conv in net.convs.items():
+        layer = conv.layer
+        entry: dict[str, Any] = {
+            "name": name,
+            "integer": conv.integer,
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "relu_batchnorm": conv.bn is not None,
+            "input": _format_json(conv.input_format),
+            "outputs": [],
+        }
+        if conv.bn is not None:
+            tensors[f"{name}.alpha"], tensors[f"{name}.beta"] = conv.alpha, conv.beta
+        tensors[f"{name}.bias"] = conv.bias
+        if conv.integer:
+            quantizer = layer.weight_quantizer
+            codes = (
+                quantizer.codes
+                if isinstance(quantizer, FrozenWeight)
+                else weight_codes(quantizer, layer.weight)
+            )
+            tensors[f"{name}.weight"] = codes.codes.permute(0, 2, 3, 1).to(torch.int8)
+            tensors[f"{name}.accumulator_scale"] = conv.scale
+            entry["weight_bits"] = codes.bits
+            entry["accumulator_bound"] = conv.accumulator_bound
+        else:
+            tensors[f"{name}.weight"] = layer.weight.detach().float()
+        for consumer, fmt, extra in net.outputs[name]:
+            output: dict[str, Any] = {"consumer": consumer, "kind": "float"}
+            if fmt is not None:
+                output.update(kind="codes", format=_format_json(fmt), extra_bits=extra)
+                if conv.integer:
+                    requant = conv.requant(consumer, fmt, extra)
+                    prefix = f"{name}.to.{consumer}"
+                    tensors[f"{prefix}.multiplier"] = requant.multiplier
+                    tensors[f"{prefix}.offset"] = requant.offset
+                    tensors[f"{prefix}.low"] = requant.low
+                    tensors[f"{prefix}.high"] = requant.high
+                    output["shift"] = requant.shift
+            entry["outputs"].append(output)
+        layers.append(entry)
+    description = {
+        "unet": asdict(net.config),
+        "upsample_extra_bits": UPSAMPLE_EXTRA_BITS,
+        "layers": layers,
+    }
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, description
+
+
+def export_integer(model: nn.Module, path: str | Path, info: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s integer network to ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    tensors, description = integer_network(model)
+    metadata = {
+        "format": INTEGER_FORMAT,
+        "version": str(INTEGER_VERSION),
+        "network": json.dumps(description),
+        "info": json.dumps(info or {}),
+    }
+    with atomic_path(Path(path)) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)

@@ -1,0 +1,263 @@
+"""Packed model files: weight codes at exactly their bit width, BatchNorm folded.
+
+The packed layout stores, for every convolution with quantized weights ``L``:
+
+- ``L.weight.codes``: ``uint8``, the codes packed at ``bits`` bits each (see
+  :mod:`napari_unetquant.quant.packing`), C order over ``(C_out, C_in, kH, kW)``;
+- ``L.weight.scale``: ``float32 (C_out,)`` per-channel scales, except for fixed-point weights,
+  whose one shift ``frac_bits`` is in the metadata (``scale = 2**-frac_bits``);
+- ``L.bias`` and the input quantizer's state (fixed-point shift, learned step) as they are.
+
+Every BatchNorm ``B`` is stored folded as ``B.alpha`` and ``B.beta`` (``y = x * alpha + beta``),
+and full-precision layers (by default the first block and the last convolution) keep float32
+weights. Loading rebuilds a network whose forward pass is bit-identical to the
+quantization-aware model the file came from: the same codes, the same outputs, the same masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import UNetConfig
+from .model import FoldedBatchNorm2d, build_unet, fold_batch_norm
+from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
+from .quant.layers import QuantConv2d
+from .quant.packing import pack_codes, unpack_codes
+from .quant.quantizers import FixedPointQuantizer, RunningStat
+
+LAYOUT_STATE_DICT = "state_dict"
+LAYOUT_PACKED = "packed"
+
+
+def _running_peak(layer: QuantConv2d) -> RunningStat | None:
+    """The running peak of a dynamic fixed-point input quantizer (frozen once trained)."""
+    quantizer = layer.input_quantizer
+    return quantizer.peak if isinstance(quantizer, FixedPointQuantizer) else None
+
+
+def _packable(module: nn.Module) -> bool:
+    return isinstance(module, QuantConv2d) and not module.weight_quantizer.config.is_float
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and per-layer metadata of ``model``'s packed form (evaluation state)."""
+    model.eval()
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, Any] = {}
+    consumed: set[str] = set()
+    for name, module in model.named_modules():
+        if _packable(module):
+            assert isinstance(module, QuantConv2d)
+            quantizer = module.weight_quantizer
+            codes = (
+                quantizer.codes
+                if isinstance(quantizer, FrozenWeight)
+                else weight_codes(quantizer, module.weight)
+            )
+            tensors[f"{name}.weight.codes"] = pack_codes(codes.codes - codes.offset, codes.bits)
+            if codes.frac_bits is None:
+                tensors[f"{name}.weight.scale"] = codes.scale
+            layers[name] = {
+                "method": quantizer.config.method,
+                "bits": codes.bits,
+                "shape": list(codes.shape),
+                "frac_bits": codes.frac_bits,
+                "offset": codes.offset,
+                "scale_count": quantizer.scale_count,
+            }
+            consumed.add(f"{name}.weight")
+            consumed.update(k for k in state if k.startswith(f"{name}.weight_quantizer."))
+        peak = _running_peak(module) if isinstance(module, QuantConv2d) else None
+        if peak is not None and bool(peak.initialized):
+            # the frozen format (frac_bits) is kept; the running peak that chose it is not
+            consumed.update(k for k in state if k.startswith(f"{name}.input_quantizer.peak."))
+        elif isinstance(module, nn.BatchNorm2d):
+            alpha, beta = fold_batch_norm(module)
+            tensors[f"{name}.alpha"], tensors[f"{name}.beta"] = alpha, beta
+            consumed.update(k for k in state if k.startswith(f"{name}."))
+    for key, value in state.items():
+        if key not in consumed:
+            tensors[key] = value
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, layers
+
+
+def packed_network(
+    unet: UNetConfig, quant: Any, tensors: dict[str, Tensor], layers: dict[str, Any]
+) -> nn.Module:
+    """The network of a packed file: built from its configuration, weights dequantized once,
+    BatchNorm folded. Raises ``ValueError`` when the tensors do not fit the configuration."""
+    model = build_unet(unet, quant)
+    tensors = dict(tensors)
+    expected = sorted(name for name, module in model.named_modules() if _packable(module))
+    if sorted(layers) != expected:
+        raise ValueError(
+            f"the packed layers {sorted(layers)} do not match the configured network's "
+            f"quantized layers {expected}; the file is damaged or was edited"
+        )
+    for name, info in layers.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantConv2d)
+        original = layer.weight_quantizer
+        if info["bits"] != original.config.bits or info["method"] != original.config.method:
+            raise ValueError(
+                f"{name}: packed as {info['method']}{info['bits']}, configured as "
+                f"{original.config.label}; the file is damaged or was edited"
+            )
+        codes = _read_codes(name, info, tensors, tuple(layer.weight.shape))
+        layer.weight_quantizer = FrozenWeight(original.config, codes, original.scale_count)
+        tensors[f"{name}.weight"] = dequantize(codes)
+    for name, module in model.named_modules():
+        peak = _running_peak(module) if isinstance(module, QuantConv2d) else None
+        missing = f"{name}.input_quantizer.peak.value" not in tensors
+        if peak is not None and missing and f"{name}.input_quantizer.frac_bits" in tensors:
+            assert isinstance(module, QuantConv2d)
+            frac = int(tensors[f"{name}.input_quantizer.frac_bits"])
+            top = 2 ** (module.input_quantizer.config.bits - 1) - 1
+            tensors[f"{name}.input_quantizer.peak.value"] = torch.tensor(top * 2.0**-frac)
+            tensors[f"{name}.input_quantizer.peak.initialized"] = torch.tensor(True)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FoldedBatchNorm2d(module.num_features))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"tensors do not match the configured network ({error}); the file is damaged or "
+            f"was edited"
+        ) from error
+    for name, module in model.named_modules():
+        # every convolution but the first reads a fresh intermediate tensor (pooling,
+        # concatenation, BatchNorm output) that nothing else reads afterwards
+        if isinstance(module, QuantConv2d) and name != "enc1.conv1":
+            module.overwrite_input = True
+    return model.eval()
+
+
+def _read_codes(
+    name: str, info: dict[str, Any], tensors: dict[str, Tensor], shape: tuple[int, ...]
+) -> WeightCodes:
+    if list(shape) != list(info["shape"]):
+        raise ValueError(f"{name}: packed shape {info['shape']} but the network has {shape}")
+    packed = tensors.pop(f"{name}.weight.codes", None)
+    if packed is None:
+        raise ValueError(f"{name}: the packed weight codes are missing; the file is damaged")
+    bits, frac, offset = int(info["bits"]), info["frac_bits"], int(info["offset"])
+    codes = unpack_codes(packed, bits, shape) + offset
+    if frac is None:
+        scale = tensors.pop(f"{name}.weight.scale", None)
+        if scale is None or scale.shape != (shape[0],):
+            raise ValueError(f"{name}: the per-channel weight scales are missing or misshapen")
+    else:
+        scale = torch.full((shape[0],), 2.0 ** -int(frac))
+    return WeightCodes(codes, scale.float(), bits, None if frac is None else int(frac), offset)
+
+
+# --- what a file on disk holds ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes one convolution (with its BatchNorm) takes in a file, and in the FP32 file."""
+
+    name: str
+    weight_label: str
+    act_label: str
+    weight_bits: int
+    parameters: int
+    bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.bytes, 1)
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """A model file's size by layer, against the FP32 ``state_dict`` file of the same network."""
+
+    layers: tuple[LayerBytes, ...]
+    header_bytes: int
+    file_bytes: int
+    fp32_file_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_file_bytes / self.file_bytes
+
+    def table(self) -> str:
+        rows = [f"{'layer':<16}{'w/a':>14}{'params':>10}{'bytes':>10}{'FP32':>10}{'ratio':>8}"]
+        for layer in self.layers:
+            bits = f"{layer.weight_label}/{layer.act_label}"
+            rows.append(
+                f"{layer.name:<16}{bits:>14}{layer.parameters:>10}{layer.bytes:>10}"
+                f"{layer.fp32_bytes:>10}{layer.ratio:>7.2f}x"
+            )
+        rows.append(f"{'header+metadata':<16}{'':>24}{self.header_bytes:>10}")
+        rows.append(
+            f"{'file on disk':<16}{'':>24}{self.file_bytes:>10}{self.fp32_file_bytes:>10}"
+            f"{self.ratio:>7.2f}x"
+        )
+        return "\n".join(rows)
+
+
+def safetensors_layout(path: str | Path) -> tuple[int, dict[str, int]]:
+    """Header size and ``{tensor name: bytes}`` of a safetensors file (reads the header only)."""
+    with Path(path).open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    sizes = {
+        key: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
+    return 8 + length, sizes
+
+
+def fp32_state_dict_bytes(unet: UNetConfig) -> int:
+    """Size of the FP32 ``state_dict`` of the same U-Net saved as safetensors (no metadata)."""
+    from safetensors.torch import save
+
+    model = build_unet(unet)
+    return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def file_report(path: str | Path, model: nn.Module, unet: UNetConfig) -> FileReport:
+    """Per-layer bytes of the model file at ``path`` holding ``model``."""
+    header, sizes = safetensors_layout(path)
+    fp32 = build_unet(unet).state_dict()
+    rows = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantConv2d):
+            continue
+        groups = [f"{name}."]
+        block, _, conv = name.rpartition(".")
+        if conv.startswith("conv"):
+            groups.append(f"{block}.bn{conv[4:]}.")
+        stored = sum(size for key, size in sizes.items() if key.startswith(tuple(groups)))
+        reference = sum(
+            t.numel() * t.element_size() for k, t in fp32.items() if k.startswith(tuple(groups))
+        )
+        weight_config = layer.weight_quantizer.config
+        rows.append(
+            LayerBytes(
+                name=name,
+                weight_label=weight_config.label,
+                act_label=layer.input_quantizer.config.label,
+                weight_bits=weight_config.bits,
+                parameters=layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel()),
+                bytes=stored,
+                fp32_bytes=reference,
+            )
+        )
+    return FileReport(tuple(rows), header, Path(path).stat().st_size, fp32_state_dict_bytes(unet))
