@@ -324,7 +324,7 @@ class IntegerConv:
         for consumer, fmt, extra in outputs:
             value = results[consumer]
             if fmt is None:
-                wrapped[consumer] = value.permute(0, 3, 1, 2)
+                wrapped[consumer] = value.permute(0, 3, 1, 2).contiguous()
             else:
                 wrapped[consumer] = Codes(value, fmt, extra)
         return wrapped

@@ -1,0 +1,181 @@
+"""The exported integer network, read back by a reference reader that uses only the standard
+library and NumPy and follows docs/integer-format.md line by line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from napari_unetquant.config import QuantConfig, UNetConfig
+from napari_unetquant.infer.export import export_integer
+from napari_unetquant.infer.integer import IntegerUNet
+from napari_unetquant.model import build_unet
+
+DTYPES = {"I8": np.int8, "I64": np.int64, "F32": np.float32, "F64": np.float64}
+
+
+# --- the reference reader --------------------------------------------------------------------
+
+
+def read_integer_network(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    metadata = header.pop("__metadata__")
+    assert metadata["format"] == "napari-unetquant-integer" and metadata["version"] == "1"
+    base = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        array = np.frombuffer(raw[base + begin : base + end], dtype=DTYPES[entry["dtype"]])
+        tensors[name] = array.reshape(entry["shape"])
+    return json.loads(metadata["network"]), tensors
+
+
+def rhe(v: np.ndarray, shift: int) -> np.ndarray:
+    if shift <= 0:
+        return v << -shift
+    return (v + (1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift
+
+
+def quantize(y: np.ndarray, fmt: dict[str, Any]) -> np.ndarray:
+    if fmt["frac_bits"] is not None:
+        scaled = y.astype(np.float32) * np.float32(2.0 ** fmt["frac_bits"])
+    else:
+        scaled = y.astype(np.float32) / np.float32(fmt["step"])
+    return np.round(np.clip(scaled, fmt["lo"], fmt["hi"])).astype(np.int64)
+
+
+def convolve(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``x (H, W, C)``, ``weight (O, 3, 3, C)``, zero padding 1 -> ``(H, W, O)``."""
+    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    windows = sliding_window_view(padded, (3, 3), axis=(0, 1))  # (H, W, C, 3, 3)
+    return np.einsum("hwcyx,oyxc->hwo", windows, weight)
+
+
+def run_layer(layer: dict[str, Any], t: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
+    name = layer["name"]
+    results: dict[str, Any] = {}
+    if layer["integer"]:
+        if x.dtype.kind == "f":
+            x = quantize(x, layer["input"])
+        acc = convolve(x, t[f"{name}.weight"].astype(np.int64))
+        assert np.abs(acc).max() <= layer["accumulator_bound"] < 2**31
+        z = acc * t[f"{name}.accumulator_scale"] + t[f"{name}.bias"]
+    else:
+        weight = t[f"{name}.weight"].transpose(0, 2, 3, 1).astype(np.float64)
+        z = convolve(x.astype(np.float64), weight) + t[f"{name}.bias"]
+    y = np.maximum(z, 0) * t[f"{name}.alpha"] + t[f"{name}.beta"] if layer["relu_batchnorm"] else z
+    for output in layer["outputs"]:
+        consumer = output["consumer"]
+        if output["kind"] == "float":
+            results[consumer] = y
+        elif layer["integer"]:
+            prefix = f"{name}.to.{consumer}"
+            v = t[f"{prefix}.multiplier"] * acc + t[f"{prefix}.offset"]
+            codes = rhe(v, output["shift"] - output["extra_bits"])
+            results[consumer] = np.clip(codes, t[f"{prefix}.low"], t[f"{prefix}.high"])
+        elif output["extra_bits"]:
+            results[consumer] = y  # float layers hand float values to the upsampling
+        else:
+            results[consumer] = quantize(y, output["format"])
+    return results
+
+
+def upsample(source: np.ndarray, extra_bits: int, fmt: dict[str, Any] | None) -> np.ndarray:
+    def along(v: np.ndarray, axis: int) -> np.ndarray:
+        n = v.shape[axis]
+        before = np.take(v, np.maximum(np.arange(n) - 1, 0), axis=axis)
+        after = np.take(v, np.minimum(np.arange(n) + 1, n - 1), axis=axis)
+        out = np.stack([3 * v + before, 3 * v + after], axis=axis + 1)
+        return out.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1 :])
+
+    numerator = along(along(source, 0), 1)
+    if fmt is None or source.dtype.kind == "f":
+        return numerator / 16
+    return np.clip(rhe(numerator, extra_bits + 4), fmt["lo"], fmt["hi"])
+
+
+def reference_logits(network: dict[str, Any], t: dict[str, np.ndarray], image: np.ndarray):
+    layers = {layer["name"]: layer for layer in network["layers"]}
+    depth = network["unet"]["depth"]
+    multiple = 2**depth
+    height, width = image.shape
+    x: np.ndarray = np.pad(image, ((0, -height % multiple), (0, -width % multiple)), "edge")
+    x = x[:, :, None]
+
+    def block(name: str, x: np.ndarray) -> dict[str, Any]:
+        middle = run_layer(layers[f"{name}.conv1"], t, x)[f"{name}.conv2"]
+        return run_layer(layers[f"{name}.conv2"], t, middle)
+
+    skips = []
+    for level in range(1, depth + 1):
+        out = block(f"enc{level}", x)
+        after = f"enc{level + 1}.conv1" if level < depth else "bottleneck.conv1"
+        skips.append(out[f"dec{level}.conv1"])
+        a = out[after]
+        x = a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, -1).max(axis=(1, 3))
+    below = block("bottleneck", x)[f"dec{depth}.conv1"]
+    for level in range(depth, 0, -1):
+        consumer = f"dec{level}.conv1"
+        fmt = layers[consumer]["input"]
+        up = upsample(below, network["upsample_extra_bits"], fmt)
+        if up.dtype.kind == "f" and fmt is not None:
+            up = quantize(up, fmt)
+        x = np.concatenate([up, skips[level - 1]], axis=2)
+        after = f"dec{level - 1}.conv1" if level > 1 else "head"
+        below = block(f"dec{level}", x)[after]
+    logits = run_layer(layers["head"], t, below)["logits"]
+    return logits[:height, :width, 0]
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+def _model(quant: QuantConfig) -> torch.nn.Module:
+    model = build_unet(UNetConfig(base_width=4, depth=2), quant).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = (model(torch.randn(4, 1, 32, 32)) - 1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("label", ["W4A6", "Q0.4/Q6.0", "W3A4-lsq"])
+def test_reference_reader_computes_the_same_integer_network(label: str, tmp_path: Path) -> None:
+    model = _model(dataclasses.replace(QuantConfig.from_label(label), edge_layers=()))
+    path = tmp_path / "net.safetensors"
+    export_integer(model, path, {"label": label})
+    network, tensors = read_integer_network(path)
+    assert all(layer["integer"] for layer in network["layers"])
+    image = np.random.default_rng(1).normal(size=(28, 36)).astype(np.float32)
+    expected = IntegerUNet(model)(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    logits = reference_logits(network, tensors, image)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(logits > 0, expected > 0)
+
+
+def test_default_model_exports_float_edge_layers(tmp_path: Path) -> None:
+    model = _model(QuantConfig.from_label("W4A6"))
+    path = tmp_path / "net.safetensors"
+    export_integer(model, path)
+    network, tensors = read_integer_network(path)
+    kinds = {layer["name"]: layer["integer"] for layer in network["layers"]}
+    assert not kinds["enc1.conv1"] and not kinds["enc1.conv2"] and not kinds["head"]
+    assert sum(kinds.values()) == len(kinds) - 3
+    assert tensors["enc1.conv1.weight"].dtype == np.float32
+    assert tensors["enc2.conv1.weight"].dtype == np.int8
+    assert tensors["enc2.conv1.weight"].shape == (8, 3, 3, 4)
+    image = np.random.default_rng(2).normal(size=(24, 20)).astype(np.float32)
+    expected = IntegerUNet(model)(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    logits = reference_logits(network, tensors, image)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,146 @@
+"""Integer-only inference: int8 kernels, int32 accumulators, exact where scales are powers of 2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_unetquant.config import QuantConfig, QuantizerConfig, UNetConfig
+from napari_unetquant.data import em_phantom_stack
+from napari_unetquant.infer.integer import IntegerUNet, round_shift
+from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm2d, build_unet
+from napari_unetquant.quant import QuantConv2d
+
+
+def test_round_shift_rounds_half_to_even_like_torch_round() -> None:
+    values = torch.arange(-4000, 4000, dtype=torch.int64)
+    for shift in (1, 2, 3, 7):
+        expected = torch.round(values.double() / 2**shift).to(torch.int64)
+        assert torch.equal(round_shift(values.clone(), shift), expected)
+    assert torch.equal(round_shift(values.clone(), -2), values * 4)
+
+
+def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
+    """A U-Net whose every scale is a power of two: weights Q1.2, activations Q5.0, BatchNorm
+    scales +-2**k, shifts and biases on a 1/4 grid. Every float sum is then exact, in the
+    simulation as in integers."""
+    quant = QuantConfig(
+        weight=QuantizerConfig.from_format("Q1.2"),
+        act=QuantizerConfig.from_format("Q5.0"),
+        edge_layers=edge_layers,
+    )
+    model = build_unet(UNetConfig(base_width=4, depth=2), quant).eval()
+    generator = torch.Generator().manual_seed(3)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantConv2d) and module.bias is not None:
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.6)
+                module.bias.copy_(torch.randint(-8, 9, module.bias.shape, generator=generator) / 4)
+        if isinstance(module, BatchNorm2d):
+            folded = FoldedBatchNorm2d(module.num_features)
+            channels = module.num_features
+            exponents = torch.randint(-2, 2, (channels,), generator=generator).float()
+            signs = torch.where(torch.rand(channels, generator=generator) < 0.2, -1.0, 1.0)
+            folded.alpha.copy_(signs * 2.0**exponents)
+            folded.beta.copy_(torch.randint(-12, 13, (channels,), generator=generator) / 4)
+            block, _, child = name.rpartition(".")
+            setattr(model.get_submodule(block), child, folded)
+    return model
+
+
+@pytest.mark.parametrize("edge_layers", [("enc1.*", "head"), ()], ids=["float-edges", "all"])
+def test_exactly_the_simulated_model_where_scales_are_powers_of_two(
+    edge_layers: tuple[str, ...],
+) -> None:
+    model = _power_of_two_network(edge_layers)
+    x = torch.randn(2, 1, 36, 44) * 3
+    with torch.no_grad():
+        expected = model(x)
+    logits = IntegerUNet(model)(x)
+    assert torch.equal(logits, expected)
+    assert float(expected.std()) > 0.1  # a network that computes something
+
+
+def _train(quant: QuantConfig, steps: int = 60) -> torch.nn.Module:
+    """A small U-Net trained for real on EM-like phantoms."""
+    images, masks = em_phantom_stack(4, 64, 64, seed=11)
+    x = torch.from_numpy((images - images.mean()) / images.std())[:, None].float()
+    y = torch.from_numpy(masks)[:, None].float()
+    model = build_unet(UNetConfig(base_width=8, depth=3), quant).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        QuantConfig.from_label("W4A6"),
+        QuantConfig.from_label("Q0.4/Q6.0"),
+        QuantConfig.from_label("W4A4-lsq"),
+        dataclasses.replace(QuantConfig.from_label("W3A5"), edge_layers=()),
+    ],
+    ids=lambda q: f"{q.label}-{len(q.edge_layers)}edges",
+)
+def test_masks_match_the_simulated_model_on_unseen_images(quant: QuantConfig) -> None:
+    model = _train(quant)
+    images, _ = em_phantom_stack(3, 96, 80, seed=99)
+    x = torch.from_numpy((images - images.mean()) / images.std())[:, None].float()
+    with torch.no_grad():
+        expected = model(x) > 0
+    masks = IntegerUNet(model)(x) > 0
+    agreement = float((masks == expected).float().mean())
+    assert agreement >= 0.9999, agreement
+    assert 0.05 < float(expected.float().mean()) < 0.95  # a real segmentation, not all one class
+
+
+def test_quantized_layers_run_on_the_int8_kernel_with_bounded_accumulators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _train(QuantConfig.from_label("W4A6"), steps=5)
+    net = IntegerUNet(model)
+    seen: list[tuple[torch.dtype, torch.dtype, int]] = []
+    original = torch._int_mm
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = original(a, b)
+        seen.append((a.dtype, result.dtype, int(result.abs().max())))
+        return result
+
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    net(torch.randn(1, 1, 64, 64) * 4)
+    assert len(net.integer_layers) == 12
+    assert len(seen) >= 12 and all(a == torch.int8 and r == torch.int32 for a, r, _ in seen)
+    bound = max(net.convs[name].accumulator_bound for name in net.integer_layers)
+    assert bound < 2**31
+    assert max(peak for _, _, peak in seen) <= bound
+
+
+def test_unsupported_models_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="no quantized layer"):
+        IntegerUNet(build_unet(UNetConfig(base_width=4, depth=2)))
+    ternary = build_unet(UNetConfig(base_width=4, depth=2), QuantConfig.from_label("ternary"))
+    with pytest.raises(ValueError, match="without --integer"):
+        IntegerUNet(ternary)
+    with pytest.raises(ValueError, match="U-Net only"):
+        IntegerUNet(torch.nn.Conv2d(1, 1, 3))
+    wide = QuantConfig(weight=QuantConfig.paper().weight, act=QuantizerConfig.from_format("Q8.0"))
+    with pytest.raises(ValueError, match="int8 kernels"):
+        IntegerUNet(build_unet(UNetConfig(base_width=4, depth=2), wide).eval())
+
+
+def test_input_of_any_size_is_padded_and_cropped_like_the_model() -> None:
+    model = _power_of_two_network(("enc1.*", "head"))
+    for shape in [(1, 1, 17, 23), (3, 1, 8, 8)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(IntegerUNet(model)(x), model(x))
+    assert np.isfinite(IntegerUNet(model)(torch.zeros(1, 1, 8, 8)).numpy()).all()
