@@ -340,3 +340,86 @@ def test_demo_trains_both_models_writes_files_and_reports_real_bits(tmp_path: Pa
         "w4a6.safetensors",
     ]
     assert "W4A6" in format_rows([fp, quant])
+
+
+def test_export_packed_and_integer_then_segment_with_integers(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, labels = phantom_files
+    quantized = tmp_path / "w4a6.safetensors"
+    argv = _train_args(phantom_files, quantized, "--init", str(trained), "--weight-bits", "4")
+    assert _run([*argv, "--act-bits", "6", *FAST], capsys)[0] == 0
+
+    packed = tmp_path / "w4a6-packed.safetensors"
+    code, stdout, _ = _run(["export", "--model", str(quantized), "--out", str(packed)], capsys)
+    assert code == 0 and "(packed)" in stdout and "smaller than the FP32" in stdout
+    assert packed.stat().st_size < quantized.stat().st_size / 2  # tiny test net: headers weigh
+
+    code, stdout, _ = _run(["info", "--model", str(packed)], capsys)
+    assert code == 0 and "layout      packed" in stdout and "file on disk" in stdout
+    assert "enc2.conv1" in stdout and "fixed4/fixed6" in stdout
+    info = json.loads(_run(["info", "--model", str(packed), "--json"], capsys)[1])
+    assert info["layout"] == "packed" and info["file_bytes"] == packed.stat().st_size
+    assert info["file_ratio"] == pytest.approx(info["fp32_file_bytes"] / info["file_bytes"])
+    rows = {row["name"]: row for row in info["layer_bytes"]}
+    assert rows["enc2.conv1"]["weight_bits"] == 4 and rows["enc1.conv1"]["weight_bits"] == 32
+
+    masks = {}
+    for name, model, extra in [
+        ("float", quantized, []),
+        ("packed", packed, []),
+        ("integer", packed, ["--integer"]),
+    ]:
+        out = tmp_path / f"{name}.tif"
+        command = ["segment", "--model", str(model), "--image", str(image), "--out", str(out)]
+        assert _run([*command, *extra], capsys)[0] == 0
+        masks[name] = tifffile.imread(out)
+    assert np.array_equal(masks["packed"], masks["float"])
+    assert np.mean(masks["integer"] == masks["float"]) >= 0.9999
+
+    scores = [
+        json.loads(
+            _run(
+                [
+                    "evaluate",
+                    "--model",
+                    str(packed),
+                    "--images",
+                    str(image),
+                    "--labels",
+                    str(labels),
+                    "--json",
+                    *extra,
+                ],
+                capsys,
+            )[1]
+        )["dice_mean"]
+        for extra in ([], ["--integer"])
+    ]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-3)
+
+    hardware = tmp_path / "w4a6-integer.safetensors"
+    command = ["export", "--model", str(packed), "--out", str(hardware), "--integer"]
+    code, stdout, _ = _run(command, capsys)
+    assert code == 0 and "(integer)" in stdout and hardware.is_file()
+
+
+def test_export_and_integer_errors_are_one_line(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _run(["export", "--model", str(trained), "--out", str(trained)], capsys)
+    assert code == 2 and "the model file itself" in err and err.count("\n") == 1
+    image = phantom_files[0]
+    command = ["segment", "--model", str(trained), "--image", str(image), "--integer"]
+    code, _, err = _run([*command, "--out", str(tmp_path / "m.tif")], capsys)
+    assert code == 2 and "no quantized layer" in err and not (tmp_path / "m.tif").exists()
+    code, _, err = _run(
+        ["export", "--model", str(trained), "--out", str(tmp_path / "i.st"), "--integer"], capsys
+    )
+    assert code == 2 and "no quantized layer" in err and not (tmp_path / "i.st").exists()

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn, TextIO, TypeVar
 
 from .config import (
@@ -176,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _infer_config(args: argparse.Namespace) -> InferConfig:
-    return InferConfig(tile=args.tile, threshold=args.threshold)
+    return InferConfig(tile=args.tile, threshold=args.threshold, integer=args.integer)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -217,16 +216,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def model_summary(path: str) -> dict[str, object]:
-    """What ``unetquant info`` reports about a model file."""
+    """What ``unetquant info --json`` reports about a model file."""
+    return _summary_and_table(path)[0]
+
+
+def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
+    """The JSON summary of a model file and its per-layer table."""
     from dataclasses import asdict
 
     from .modelio import load_model
+    from .packed import LAYOUT_PACKED, file_report
     from .quant import bit_report
 
     bundle = load_model(path)
     report = bit_report(bundle.model)
     quant = bundle.quant
-    return {
+    on_disk = file_report(path, bundle.model, bundle.unet)
+    summary: dict[str, object] = {
         "label": quant.label,
         "weight_bits": quant.weight.bits,
         "act_bits": quant.act.bits,
@@ -234,7 +240,10 @@ def model_summary(path: str) -> dict[str, object]:
         "weight_format": quant.weight.format_name,
         "act_format": quant.act.format_name,
         "parameters": sum(p.numel() for p in bundle.model.parameters()),
-        "file_bytes": Path(path).stat().st_size,
+        "layout": bundle.layout,
+        "file_bytes": on_disk.file_bytes,
+        "fp32_file_bytes": on_disk.fp32_file_bytes,
+        "file_ratio": on_disk.ratio,
         "stored_bytes": report.stored_bytes,
         "fp32_bytes": report.fp32_bytes,
         "mean_weight_bits": report.mean_weight_bits,
@@ -242,21 +251,45 @@ def model_summary(path: str) -> dict[str, object]:
         "preprocess": asdict(bundle.preprocess),
         "training": bundle.info,
         "layers": [asdict(layer) for layer in report.layers],
+        "layer_bytes": [asdict(layer) for layer in on_disk.layers],
     }
+    if bundle.layout == LAYOUT_PACKED:
+        return summary, on_disk.table()
+    return summary, (
+        f"{report.table()}\nthis file holds float32 weights ({on_disk.file_bytes} bytes); the "
+        f"table shows the stored bits 'unetquant export' packs them to"
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    summary = model_summary(args.model)
+    summary, table = _summary_and_table(args.model)
     if args.json:
         print(json.dumps(summary))
         return 0
-    for key in ("label", "weight_bits", "act_bits", "quantizer", "parameters", "file_bytes"):
+    for key in ("label", "weight_bits", "act_bits", "quantizer", "parameters", "layout"):
         print(f"{key:<12}{summary[key]}")
+    print(
+        f"{'file':<12}{summary['file_bytes']} bytes; the FP32 state_dict file of this network: "
+        f"{summary['fp32_file_bytes']} bytes ({summary['file_ratio']:.2f}x smaller)"
+    )
     training = summary["training"]
     assert isinstance(training, dict)
     print(
         f"{'validation':<12}Dice {training.get('validation_dice')} at step "
         f"{training.get('best_step')} of {training.get('steps')}"
+    )
+    print(table)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .jobs import export_model
+
+    written = export_model(args.model, args.out, integer=args.integer)
+    print(
+        f"wrote {written.path} ({written.layout}): {written.file_bytes} bytes, "
+        f"{written.ratio:.2f}x smaller than the FP32 state_dict file "
+        f"({written.fp32_file_bytes} bytes)"
     )
     return 0
 
@@ -293,6 +326,11 @@ def _add_infer_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile", type=int, default=InferConfig.tile, help="sliding-window tile size (px)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--integer",
+        action="store_true",
+        help="run quantized layers on integer codes (int8 kernels, int32 accumulators; CPU)",
+    )
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -389,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=_cmd_info)
+
+    export = commands.add_parser(
+        "export", help="write a packed model file (codes at their bit width), or --integer"
+    )
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    export.add_argument(
+        "--integer",
+        action="store_true",
+        help="write the integer network for hardware (docs/integer-format.md)",
+    )
+    export.set_defaults(handler=_cmd_export)
 
     demo = commands.add_parser(
         "demo", help="train FP and W4A6 on a generated EM-like phantom and compare them"

@@ -418,12 +418,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    """Sliding-window inference: square ``tile``, fractional ``overlap``, slices per batch."""
+    """Sliding-window inference: square ``tile``, fractional ``overlap``, slices per batch.
+
+    ``integer`` runs the quantized layers on integer codes with int8 kernels and int32
+    accumulators (CPU; see :mod:`napari_unetquant.infer.integer`) instead of the float
+    simulation.
+    """
 
     tile: int = 512
     overlap: float = 0.25
     batch_size: int = 4
     threshold: float = 0.5
+    integer: bool = False
 
     def __post_init__(self) -> None:
         if self.tile < 16:

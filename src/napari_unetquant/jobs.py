@@ -332,11 +332,18 @@ def sweep(
         )
 
 
+def _inference_device(device: str, config: InferConfig) -> torch.device:
+    """Where inference runs: integer inference is CPU code, so ``auto`` means the CPU there."""
+    if config.integer and device == "auto":
+        return torch.device("cpu")
+    return resolve_device(device)
+
+
 def segment_array(
     bundle: SegmentationModel, volume: Volume, config: InferConfig, device: str = "auto"
 ) -> Segmentation:
     """Segment an in-memory volume on its own grid."""
-    target = resolve_device(device)
+    target = _inference_device(device, config)
     bundle.model.to(target)
     probabilities = segment_volume(bundle, volume, config, target)
     return Segmentation(probabilities, (probabilities >= config.threshold).astype(np.uint8))
@@ -355,7 +362,7 @@ def segment_file(
 ) -> tuple[Segmentation, Any]:
     """Segment one image file; returns the segmentation and the image :class:`Volume`."""
     volume = read_volume(image_path)
-    target = resolve_device(device)
+    target = _inference_device(device, config)
     bundle.model.to(target)
     probabilities = segment_volume(bundle, volume, config, target)
     mask = (probabilities >= config.threshold).astype(np.uint8)
@@ -386,10 +393,47 @@ def evaluate_files(
 ) -> list[SegmentationScores]:
     """Scores of each image's segmentation against its labels, on the original grid."""
     pairs = read_pairs(images, labels, foreground_value=foreground_value, require_foreground=False)
-    target = resolve_device(device)
+    target = _inference_device(device, config)
     bundle.model.to(target)
     scores = []
     for pair in pairs:
         probabilities = segment_volume(bundle, pair.image, config, target)
         scores.append(segmentation_scores(probabilities >= config.threshold, pair.mask))
     return scores
+
+
+@dataclass(frozen=True)
+class Export:
+    """What ``unetquant export`` wrote: the file, its size and the FP32 file's size."""
+
+    path: str
+    layout: str
+    file_bytes: int
+    fp32_file_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_file_bytes / self.file_bytes
+
+
+def export_model(model_path: str, out_path: str, *, integer: bool = False) -> Export:
+    """Write a model file's packed form (codes at their bit width, BatchNorm folded), or with
+    ``integer`` its integer network for hardware (``docs/integer-format.md``)."""
+    from .infer.export import export_integer
+    from .packed import fp32_state_dict_bytes
+
+    if Path(out_path).resolve() == Path(model_path).resolve():
+        raise ValueError(
+            f"--out {out_path} is the model file itself; write the export to a new file "
+            f"(the original keeps what fine-tuning and --resume need)"
+        )
+    bundle = load_model(model_path)
+    if integer:
+        info = {"label": bundle.quant.label, "source": Path(model_path).name, **bundle.info}
+        export_integer(bundle.model, out_path, info)
+        layout = "integer"
+    else:
+        save_model(out_path, bundle, packed=True)
+        layout = "packed"
+    size = Path(out_path).stat().st_size
+    return Export(out_path, layout, size, fp32_state_dict_bytes(bundle.unet))

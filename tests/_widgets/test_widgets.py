@@ -71,6 +71,17 @@ def test_sample_train_segment_and_dice_end_to_end(
     assert tuple(prediction.scale) == tuple(viewer.layers["EM phantom"].scale)
     assert "4-bit weights" in segment.info.value
 
+    segment.integer.value = True  # the same model on integer arithmetic
+    segment.run_button.clicked()
+    qtbot.waitUntil(lambda: "EM phantom W4A6 integer" in viewer.layers, timeout=TIMEOUT)
+    integer = viewer.layers["EM phantom W4A6 integer"].data
+    assert np.mean(integer == prediction.data) >= 0.9999
+    segment.model.value = names[0]  # FP: nothing to run on integers, a notification says so
+    segment.run_button.clicked()
+    qtbot.waitUntil(lambda: bool(errors) and segment.run_button.enabled, timeout=TIMEOUT)
+    assert "no quantized layer" in errors.pop()
+    segment.integer.value = False
+
     dice = _dock(viewer, "Dice readout")
     dice.truth.value = viewer.layers["EM phantom membranes"]
     dice.predictions.reset_choices()

@@ -95,7 +95,7 @@ def upsample(source: np.ndarray, extra_bits: int, fmt: dict[str, Any] | None) ->
         before = np.take(v, np.maximum(np.arange(n) - 1, 0), axis=axis)
         after = np.take(v, np.minimum(np.arange(n) + 1, n - 1), axis=axis)
         out = np.stack([3 * v + before, 3 * v + after], axis=axis + 1)
-        return out.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1 :])
+        return out.reshape((*v.shape[:axis], 2 * n, *v.shape[axis + 1 :]))
 
     numerator = along(along(source, 0), 1)
     if fmt is None or source.dtype.kind == "f":

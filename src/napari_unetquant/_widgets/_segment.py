@@ -8,6 +8,7 @@ from typing import Any
 
 import napari
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -41,6 +42,11 @@ class SegmentWidget(Container):
         self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
         self.threshold = FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, label="threshold")
         self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.integer = CheckBox(
+            value=False,
+            text="integer arithmetic (int8 codes, int32 accumulators; CPU)",
+            label="integer",
+        )
         self.run_button = PushButton(text="Segment")
         self.info = Label(value="", label="model")
         self.status = Label(value="", label="result")
@@ -51,12 +57,16 @@ class SegmentWidget(Container):
                 self.model_file,
                 self.threshold,
                 self.device,
+                self.integer,
                 self.run_button,
                 self.info,
                 self.status,
             ]
         )
-        self.persist = Persistent("segment", {"threshold": self.threshold, "device": self.device})
+        self.persist = Persistent(
+            "segment",
+            {"threshold": self.threshold, "device": self.device, "integer": self.integer},
+        )
         self.run_button.clicked.connect(self.run)
         self._refresh = self.model.reset_choices
         _session.on_change(self._refresh)
@@ -89,8 +99,8 @@ class SegmentWidget(Container):
             layer = self.image.value
             volume = layer_volume(layer)
             bundle, description = self._bundle()
-            config = InferConfig(threshold=self.threshold.value)
-            device = str(resolve_device(self.device.value))
+            config = InferConfig(threshold=self.threshold.value, integer=self.integer.value)
+            device = "cpu" if config.integer else str(resolve_device(self.device.value))
         except ValueError as error:
             notify_error(error)
             return
@@ -101,9 +111,11 @@ class SegmentWidget(Container):
             result = segment_array(bundle, volume, config, device)
             return result, time.perf_counter() - start
 
-        self.worker = thread_worker(work, progress={"total": 0, "desc": "Segmenting"})()
+        self.worker = thread_worker(
+            work, progress={"total": 0, "desc": "Segmenting"}, ignore_errors=True
+        )()
+        self.worker.errored.connect(notify_error)  # a notification, not re-raised
         self.worker.returned.connect(lambda result: self._add_layer(layer, bundle, *result))
-        self.worker.errored.connect(notify_error)
         self.run_button.enabled = False
         self.worker.finished.connect(lambda: setattr(self.run_button, "enabled", True))
         self.worker.start()
@@ -116,9 +128,10 @@ class SegmentWidget(Container):
         seconds: float,
     ) -> None:
         mask = segmentation.mask if layer.data.ndim == 3 else segmentation.mask[0]
+        suffix = " integer" if self.integer.value else ""
         self._viewer.add_labels(
             mask,
-            name=f"{layer.name} {bundle.quant.label}",
+            name=f"{layer.name} {bundle.quant.label}{suffix}",
             scale=layer.scale,
             translate=layer.translate,
             metadata=dict(layer.metadata),

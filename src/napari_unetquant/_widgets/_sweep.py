@@ -106,9 +106,11 @@ class SweepWidget(TrainingInputs):
         self.results = []
         self.by_bits.clear()
         self.by_size.clear()
-        self.worker = thread_worker(loop, progress={"total": 0, "desc": "Bit-width sweep"})()
+        self.worker = thread_worker(
+            loop, progress={"total": 0, "desc": "Bit-width sweep"}, ignore_errors=True
+        )()
+        self.worker.errored.connect(notify_error)  # a notification, not re-raised
         self.worker.yielded.connect(self._on_event)
-        self.worker.errored.connect(notify_error)
         self.worker.finished.connect(self._finished)
         self.start.enabled, self.stop.enabled = False, True
         self.worker.start()

@@ -133,9 +133,11 @@ class TrainWidget(TrainingInputs):
         def loop() -> Any:  # a generator function, so napari can stop it between steps
             yield from training.events()
 
-        self.worker = thread_worker(loop, progress={"total": 0, "desc": "Training U-Net"})()
+        self.worker = thread_worker(
+            loop, progress={"total": 0, "desc": "Training U-Net"}, ignore_errors=True
+        )()
+        self.worker.errored.connect(notify_error)  # a notification, not re-raised
         self.worker.yielded.connect(self._on_event)
-        self.worker.errored.connect(notify_error)
         self.worker.finished.connect(self._finished)
         self.start.enabled, self.stop.enabled = False, True
         self.worker.start()

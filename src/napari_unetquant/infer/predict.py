@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import InferConfig
 from ..data.io import Volume
 from ..data.preprocess import network_input, resize_slices
 from ..modelio import SegmentationModel
+from .integer import IntegerUNet
 
 Window = tuple[int, int, int]  # slice index, top row, left column
 
@@ -51,7 +52,10 @@ def _windows(shape: tuple[int, int, int], config: InferConfig) -> Iterator[Windo
 
 @torch.no_grad()
 def predict_probabilities(
-    model: nn.Module, slices: np.ndarray, config: InferConfig, device: torch.device | str = "cpu"
+    model: nn.Module | Callable[[Tensor], Tensor],
+    slices: np.ndarray,
+    config: InferConfig,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Foreground probabilities ``(S, H, W)`` float32 of normalised slices ``(S, H, W)``.
 
@@ -59,7 +63,8 @@ def predict_probabilities(
     blended with Gaussian weights (no seams); smaller ones go through whole. Tiles from all
     slices are batched ``config.batch_size`` at a time.
     """
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     height, width = slices.shape[1:]
     tile_h, tile_w = min(config.tile, height), min(config.tile, width)
     weights = _blend_weights(height, width, config.tile)
@@ -93,8 +98,15 @@ def segment_volume(
     The image is resampled and normalised as in training (the model file's preprocessing),
     predicted, and the probabilities are resampled back before any thresholding.
     """
+    network: nn.Module | IntegerUNet = bundle.model
+    if config.integer:
+        if torch.device(device).type != "cpu":
+            raise ValueError(
+                f"integer inference runs on the CPU, not {device}; use the CPU or drop --integer"
+            )
+        network = IntegerUNet(bundle.model)
     inputs = network_input(volume, bundle.preprocess)
-    probabilities = predict_probabilities(bundle.model, inputs, config, device)
+    probabilities = predict_probabilities(network, inputs, config, device)
     original: tuple[int, int] = (volume.array.shape[1], volume.array.shape[2])
     resampled: np.ndarray = np.clip(resize_slices(probabilities, original, order=1), 0.0, 1.0)
     return resampled
