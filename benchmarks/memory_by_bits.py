@@ -1,9 +1,12 @@
-"""Stored weight memory of the U-Net per quantization setting (the model's own bit accounting).
+"""Model size per bit width: packed files on disk against the FP32 ``state_dict`` file.
 
-Every row builds the network, runs one batch so that data-dependent formats are chosen, and
-sums what the model stores: codes at their stored bits, scales/exponents, float biases,
-BatchNorm and full-precision edge layers (see ``napari_unetquant.quant.report``). The packed
-file format (a later issue) must reach these sizes on disk.
+For each network width and setting the script builds the U-Net, runs one batch so that
+data-dependent formats are chosen, writes the packed model file (``save_model(...,
+packed=True)``, what ``unetquant export`` writes) and measures it on disk, beside the FP32
+``state_dict`` of the same network saved as safetensors and the model's own bit accounting
+(``napari_unetquant.quant.report``). File sizes do not depend on trained values: codes are
+fixed-width, so untrained weights give the same sizes as trained ones (the paper table reports
+the trained files too).
 
     python benchmarks/memory_by_bits.py [--update-readme]
 """
@@ -11,12 +14,17 @@ file format (a later issue) must reach these sizes on disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
 
 import torch
 
 from _common import machine, update_readme, write_results
 from napari_unetquant.config import QuantConfig, UNetConfig
 from napari_unetquant.model import build_unet
+from napari_unetquant.modelio import SegmentationModel, save_model
+from napari_unetquant.packed import fp32_state_dict_bytes
 from napari_unetquant.quant import bit_report
 
 SETTINGS = [
@@ -31,47 +39,62 @@ SETTINGS = [
     ("binary", QuantConfig.from_bits(1, 1, "binary")),
 ]
 NETWORKS = {"CPU (base 16)": UNetConfig(base_width=16), "paper (base 64)": UNetConfig.paper()}
+EDGES = {"float first/last (default)": ("enc1.*", "head"), "all quantized": ()}
 
 
 def measure() -> list[dict[str, object]]:
     rows = []
-    for network, model_config in NETWORKS.items():
-        for label, quant in SETTINGS:
-            model = build_unet(model_config, quant)
-            with torch.no_grad():
-                model(torch.randn(2, 1, 64, 64))
-            report = bit_report(model)
-            rows.append(
-                {
-                    "network": network,
-                    "setting": label,
-                    "weight_bits": quant.weight.bits,
-                    "act_bits": quant.act.bits,
-                    "mean_weight_bits": round(report.mean_weight_bits, 3),
-                    "stored_bytes": report.stored_bytes,
-                    "fp32_bytes": report.fp32_bytes,
-                    "ratio": round(report.compression, 2),
-                }
-            )
+    with tempfile.TemporaryDirectory() as folder:
+        for network, unet in NETWORKS.items():
+            fp32_file = fp32_state_dict_bytes(unet)
+            for edges, patterns in EDGES.items():
+                for label, quant in SETTINGS:
+                    if quant.is_float and patterns == ():
+                        continue
+                    quant = dataclasses.replace(quant, edge_layers=patterns)
+                    torch.manual_seed(0)
+                    model = build_unet(unet, quant)
+                    with torch.no_grad():
+                        model(torch.randn(2, 1, 64, 64))
+                    model.eval()
+                    path = Path(folder) / "model.safetensors"
+                    save_model(path, SegmentationModel(model, unet, quant), packed=True)
+                    report = bit_report(model)
+                    rows.append(
+                        {
+                            "network": network,
+                            "edges": edges,
+                            "setting": label,
+                            "weight_bits": quant.weight.bits,
+                            "act_bits": quant.act.bits,
+                            "mean_weight_bits": round(report.mean_weight_bits, 3),
+                            "accounted_bytes": report.stored_bytes,
+                            "file_bytes": path.stat().st_size,
+                            "fp32_file_bytes": fp32_file,
+                            "ratio": round(fp32_file / path.stat().st_size, 2),
+                        }
+                    )
     return rows
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| network | setting | stored bits W/A | mean weight bits | stored KiB | FP32 KiB "
-        "| FP32 / stored |",
-        "|---|---|---|---|---|---|---|",
+        "| network | layers | setting | stored bits W/A | mean weight bits | packed file KiB "
+        "| FP32 file KiB | FP32 file / packed file |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['network']} | {row['setting']} | {row['weight_bits']}/{row['act_bits']} | "
-            f"{row['mean_weight_bits']:.2f} | {int(row['stored_bytes']) / 1024:.1f} | "
-            f"{int(row['fp32_bytes']) / 1024:.1f} | {row['ratio']:.2f}x |"
+            f"| {row['network']} | {row['edges']} | {row['setting']} | "
+            f"{row['weight_bits']}/{row['act_bits']} | {row['mean_weight_bits']:.2f} | "
+            f"{int(row['file_bytes']) / 1024:.1f} | {int(row['fp32_file_bytes']) / 1024:.1f} | "
+            f"**{row['ratio']:.2f}x** |"
         )
     lines.append("")
     lines.append(
-        "First block and last convolution in float (the default); generated by "
-        "`python benchmarks/memory_by_bits.py`."
+        "Packed files on disk (codes at their bit width, per-channel scales, folded BatchNorm, "
+        "float biases, configuration metadata) against the FP32 `state_dict` of the same "
+        "network saved as safetensors. Generated by `python benchmarks/memory_by_bits.py`."
     )
     return "\n".join(lines)
 

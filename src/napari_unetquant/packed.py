@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import UNetConfig
-from .model import FoldedBatchNorm2d, build_unet, fold_batch_norm
+from .model import ConvBlock, FoldedBatchNorm2d, build_unet, fold_batch_norm
 from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
 from .quant.layers import QuantConv2d
 from .quant.packing import pack_codes, unpack_codes
@@ -135,12 +135,27 @@ def packed_network(
             f"tensors do not match the configured network ({error}); the file is damaged or "
             f"was edited"
         ) from error
+    model.eval()
+    _fast_inference(model)
+    return model
+
+
+def _fast_inference(model: nn.Module) -> None:
+    """Inference shortcuts with identical results: every convolution but the first reads a
+    fresh intermediate tensor (pooling, concatenation, BatchNorm output) that nothing else
+    reads, so it may quantize it in place; a second convolution of a block with a fixed-point
+    input lets the BatchNorm before it (its only producer) apply the power-of-two scale."""
     for name, module in model.named_modules():
-        # every convolution but the first reads a fresh intermediate tensor (pooling,
-        # concatenation, BatchNorm output) that nothing else reads afterwards
         if isinstance(module, QuantConv2d) and name != "enc1.conv1":
             module.overwrite_input = True
-    return model.eval()
+        if isinstance(module, ConvBlock):
+            conv, bn = module.conv2, module.bn1
+            quantizer = conv.input_quantizer if isinstance(conv, QuantConv2d) else None
+            frozen = isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen
+            if frozen and isinstance(bn, FoldedBatchNorm2d) and isinstance(conv, QuantConv2d):
+                assert isinstance(quantizer, FixedPointQuantizer)
+                bn.output_scale = 2.0 ** int(quantizer.frac_bits)
+                conv.input_prescaled = True
 
 
 def _read_codes(

@@ -237,7 +237,11 @@ class IntegerConv:
             else weight_codes(quantizer, self.layer.weight)
         )
         weight = codes.codes  # (C_out, C_in, 3, 3)
-        if weight.abs().max() > 127 or self.input_format.dtype != torch.int8:
+        if (
+            int(weight.min()) < -128
+            or int(weight.max()) > 127
+            or self.input_format.dtype != torch.int8
+        ):
             raise ValueError(
                 f"{self.name}: integer inference runs int8 kernels; this layer has "
                 f"{codes.bits}-bit weights or wider than 8-bit input codes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -87,6 +88,21 @@ def predict_probabilities(
     return total / norm
 
 
+_INTEGER_NETWORKS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], IntegerUNet]]
+_INTEGER_NETWORKS = weakref.WeakKeyDictionary()
+
+
+def integer_network(model: nn.Module) -> IntegerUNet:
+    """``IntegerUNet(model)``, built once per model and rebuilt when its tensors change
+    (in-place updates such as optimizer steps bump a tensor's version counter)."""
+    versions = tuple(t._version for t in [*model.parameters(), *model.buffers()])
+    cached = _INTEGER_NETWORKS.get(model)
+    if cached is None or cached[0] != versions:
+        cached = (versions, IntegerUNet(model))
+        _INTEGER_NETWORKS[model] = cached
+    return cached[1]
+
+
 def segment_volume(
     bundle: SegmentationModel,
     volume: Volume,
@@ -104,7 +120,7 @@ def segment_volume(
             raise ValueError(
                 f"integer inference runs on the CPU, not {device}; use the CPU or drop --integer"
             )
-        network = IntegerUNet(bundle.model)
+        network = integer_network(bundle.model)
     inputs = network_input(volume, bundle.preprocess)
     probabilities = predict_probabilities(network, inputs, config, device)
     original: tuple[int, int] = (volume.array.shape[1], volume.array.shape[2])

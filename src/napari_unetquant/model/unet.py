@@ -53,6 +53,10 @@ class FoldedBatchNorm2d(nn.Module):
 
     alpha: Tensor
     beta: Tensor
+    output_scale = 1.0
+    """A power of two that inference (evaluation, no gradients) multiplies the output by, for a
+    consumer that reads it pre-scaled (see ``QuantConv2d.input_prescaled``); exact, because
+    scaling by a power of two commutes with every floating-point rounding."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -68,6 +72,9 @@ class FoldedBatchNorm2d(nn.Module):
         return folded.to(alpha.device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.output_scale != 1.0 and not self.training and not torch.is_grad_enabled():
+            scale = self.output_scale
+            return affine_channels(x, self.alpha * scale, self.beta * scale)
         return affine_channels(x, self.alpha, self.beta)
 
 

@@ -65,6 +65,9 @@ class QuantConv2d(nn.Conv2d):
     overwrite_input = False
     """Inference may quantize the input tensor in place (set by models whose convolutions
     receive intermediate tensors no one else reads, such as packed U-Nets)."""
+    input_prescaled = False
+    """With ``overwrite_input``: inference receives fixed-point inputs already multiplied by
+    ``2**frac_bits`` (by the BatchNorm before it, ``FoldedBatchNorm2d.output_scale``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.overwrite_input and not self.training and not torch.is_grad_enabled():
@@ -80,7 +83,7 @@ class QuantConv2d(nn.Conv2d):
         quantizer = self.input_quantizer
         weight = self.quantized_weight()
         if isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen:
-            codes = quantizer.codes_(x)
+            codes = quantizer.codes_(x, prescaled=self.input_prescaled)
             scaled = weight * 2.0 ** -int(quantizer.frac_bits)
             out: Tensor = self._conv_forward(codes, scaled, self.bias)
             return out

@@ -121,12 +121,15 @@ class FixedPointQuantizer(Quantizer):
             return True
         return self.peak is not None and not self.training and bool(self.peak.initialized)
 
-    def codes_(self, x: Tensor) -> Tensor:
+    def codes_(self, x: Tensor, *, prescaled: bool = False) -> Tensor:
         """Inference only, frozen formats: ``x`` overwritten by its integer codes (values
-        ``codes * 2**-frac_bits`` are what ``forward`` returns; the scaling is exact)."""
+        ``codes * 2**-frac_bits`` are what ``forward`` returns; the scaling is exact).
+        ``prescaled``: ``x`` already holds the values times ``2**frac_bits``."""
         top = float(2**self.magnitude_bits - 1)
         bottom = -top if self.config.signed else 0.0
-        return x.mul_(2.0 ** int(self.frac_bits)).clamp_(bottom, top).round_()
+        if not prescaled:
+            x = x.mul_(2.0 ** int(self.frac_bits))
+        return x.clamp_(bottom, top).round_()
 
     def _dynamic_frac_bits(self, x: Tensor) -> int:
         rule = self.config.dynamic_rule
