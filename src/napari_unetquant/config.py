@@ -418,7 +418,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    """Sliding-window inference: square ``tile``, fractional ``overlap``, slices per batch.
+    """Sliding-window inference: square ``tile``, fractional ``overlap``, tiles per batch.
+
+    ``batch_size`` ``None`` picks 1 on the CPU (larger batches are slower per slice there:
+    their activations leave the cache; ``benchmarks/integer_inference.py`` times both) and 4
+    on GPUs.
 
     ``integer`` runs the quantized layers on integer codes with int8 kernels and int32
     accumulators (CPU; see :mod:`napari_unetquant.infer.integer`) instead of the float
@@ -427,7 +431,7 @@ class InferConfig:
 
     tile: int = 512
     overlap: float = 0.25
-    batch_size: int = 4
+    batch_size: int | None = None
     threshold: float = 0.5
     integer: bool = False
 
@@ -436,7 +440,9 @@ class InferConfig:
             raise ValueError(f"tile must be at least 16 pixels, got {self.tile}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(
+                f"batch_size must be at least 1 (or None: automatic), got {self.batch_size}"
+            )
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")

@@ -24,6 +24,31 @@ def test_round_shift_rounds_half_to_even_like_torch_round() -> None:
     assert torch.equal(round_shift(values.clone(), -2), values * 4)
 
 
+def test_fast_requantization_equals_the_int64_reference_over_the_whole_range() -> None:
+    model = _train(QuantConfig.from_label("W4A4-lsq"), steps=5)
+    net = IntegerUNet(model)
+    generator = torch.Generator().manual_seed(5)
+    checked = 0
+    for producer, outputs in net.outputs.items():
+        conv = net.convs[producer]
+        for consumer, fmt, extra in outputs:
+            if not conv.integer or fmt is None:
+                continue
+            requant = conv.requant(consumer, fmt, extra)
+            bound = conv.accumulator_bound
+            acc = torch.randint(
+                -bound,
+                bound + 1,
+                (4096, conv.layer.out_channels),
+                generator=generator,
+                dtype=torch.int32,
+            )
+            acc[0], acc[1] = bound, -bound  # the extremes the proof covers
+            assert torch.equal(requant(acc), requant.reference(acc).double())
+            checked += 1
+    assert checked >= 12
+
+
 def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
     """A U-Net whose every scale is a power of two: weights Q1.2, activations Q5.0, BatchNorm
     scales +-2**k, shifts and biases on a 1/4 grid. Every float sum is then exact, in the
@@ -110,8 +135,8 @@ def test_quantized_layers_run_on_the_int8_kernel_with_bounded_accumulators(
     seen: list[tuple[torch.dtype, torch.dtype, int]] = []
     original = torch._int_mm
 
-    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = original(a, b)
+    def spy(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        result = original(a, b, out=out)
         seen.append((a.dtype, result.dtype, int(result.abs().max())))
         return result
 

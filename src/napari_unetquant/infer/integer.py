@@ -7,7 +7,8 @@ over an im2col view. Between layers the accumulator is requantized in integer ar
 to the next layer's input codes (see :class:`Requant`): bias, ReLU, the folded BatchNorm and the
 next format's step are one multiplier and one offset per channel and a rounding right shift.
 Where every scale is a power of two (the paper's fixed-point formats with power-of-two
-BatchNorm scales) this is exact; elsewhere the multiplier keeps 31 significant bits.
+BatchNorm scales) this is exact; elsewhere the multiplier keeps 30 significant bits (fewer
+only for a layer whose accumulators could exceed ``2**22``).
 
 Bilinear upsampling runs on codes with 16 extra fractional bits (weights 1/16, 3/16, 9/16 are
 exact), max pooling on codes (quantization is monotone, so they commute). Layers kept at full
@@ -15,14 +16,15 @@ precision (by default the first block and the final convolution) run in float32,
 the quantization-aware model; the integer codes are converted at their boundaries.
 
 Accumulators are ``int32``: :class:`IntegerUNet` computes, for each layer, the largest
-possible ``|accumulator + bias|`` from its weight codes and its input's code range, and refuses
-a network where that bound reaches ``2**31``. The requantization products are ``int64`` and
-bounded by ``2**62``.
+possible ``|accumulator|`` from its weight codes and its input's code range, and refuses a
+network where that bound reaches ``2**31``. Requantization values are integers below ``2**52``:
+exact in ``int64`` (:meth:`Requant.reference`) and in ``float64``, which the fast path uses.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -74,13 +76,16 @@ class ActFormat:
             f"{config.label}; segment this model without --integer"
         )
 
-    def quantize(self, y: Tensor) -> Tensor:
-        """Codes (``int32``) of float values, computed exactly as the quantizer does."""
+    def codes(self, y: Tensor) -> Tensor:
+        """Codes ``(N, H, W, C)`` of float values ``(N, C, H, W)``, computed exactly as the
+        quantizer does, in this format's integer dtype."""
+        n, c, h, w = y.shape
+        scaled = torch.empty(n, h, w, c, dtype=y.dtype)
         if self.frac_bits is not None:
-            codes = (y * 2.0**self.frac_bits).clamp_(self.lo, self.hi).round_()
+            torch.mul(y, 2.0**self.frac_bits, out=scaled.permute(0, 3, 1, 2))
         else:
-            codes = (y / self.step_tensor).clamp_(self.lo, self.hi).round_()
-        return codes.to(torch.int32)
+            torch.div(y, self.step_tensor, out=scaled.permute(0, 3, 1, 2))
+        return scaled.clamp_(self.lo, self.hi).round_().to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -278,8 +283,7 @@ class IntegerConv:
             return self._run_float(x, outputs)
         if not isinstance(x, Codes):
             assert self.input_format is not None
-            fmt = self.input_format
-            x = Codes(fmt.quantize(x).permute(0, 2, 3, 1).contiguous().to(fmt.dtype), fmt)
+            x = Codes(self.input_format.codes(x), self.input_format)
         return self._run_integer(x, outputs)
 
     def _run_float(self, x: Tensor | Codes, outputs: list[Spec]) -> dict[str, Tensor | Codes]:
@@ -293,8 +297,7 @@ class IntegerConv:
             if fmt is None or extra:
                 results[consumer] = y  # float consumers, and float upsampling
             else:
-                codes = fmt.quantize(y).permute(0, 2, 3, 1).contiguous().to(fmt.dtype)
-                results[consumer] = Codes(codes, fmt)
+                results[consumer] = Codes(fmt.codes(y), fmt)
         return results
 
     def _run_integer(self, x: Codes, outputs: list[Spec]) -> dict[str, Tensor | Codes]:
@@ -315,7 +318,11 @@ class IntegerConv:
                     (count, width, 3, 3, channels),
                     (stride[1], stride[2], stride[1], stride[2], stride[3]),
                 )
-                acc = torch._int_mm(view.reshape(count * width, 9 * channels), self.matrix)
+                pixels = count * width
+                columns = _scratch("columns", pixels * 9 * channels, torch.int8)
+                columns.view(view.shape).copy_(view)  # im2col into a reused buffer
+                acc = _scratch("acc", pixels * out_channels, torch.int32).view(pixels, -1)
+                torch._int_mm(columns.view(pixels, -1), self.matrix, out=acc)
                 for consumer, requant in requants.items():
                     target = results[consumer][n, top : top + count].view(-1, out_channels)
                     if requant is None:
@@ -323,7 +330,8 @@ class IntegerConv:
                     elif target.dtype == torch.float64:
                         requant(acc, out=target)
                     else:
-                        target.copy_(requant(acc))
+                        codes = _scratch("codes", acc.numel(), torch.float64).view(acc.shape)
+                        target.copy_(requant(acc, out=codes))
         wrapped: dict[str, Tensor | Codes] = {}
         for consumer, fmt, extra in outputs:
             value = results[consumer]
@@ -341,18 +349,30 @@ class IntegerConv:
         return torch.relu_(z).mul_(self.alpha).add_(self.beta)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
+    """A reused flat buffer of at least ``numel`` values (per thread): large fresh allocations
+    cost page faults on every chunk, reused ones stay mapped and in cache."""
+    buffers: dict[str, Tensor] = getattr(_SCRATCH, "buffers", None) or {}
+    _SCRATCH.buffers = buffers
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = torch.empty(numel, dtype=dtype)
+        buffers[name] = buffer
+    return buffer[:numel]
+
+
 def upsample_codes(x: Codes, fmt: ActFormat) -> Tensor:
     """Bilinear 2x upsampling (``align_corners=False``) of codes with extra bits, rounded to
     ``fmt``'s codes: every output is ``(9a + 3b + 3c + d) / 16`` of its four neighbours.
 
-    The integer sums are evaluated by PyTorch's bilinear kernel, exactly: with the weights
-    ``1/4`` and ``3/4`` per axis no product or sum of integers below ``2**20`` is rounded in
-    float32 (below ``2**49`` in float64, the fallback for larger values; see
-    :func:`_requant`). The one rounding is the final shift, half to even.
+    The integer sums are evaluated by PyTorch's bilinear kernel in float64, exactly: with the
+    weights ``1/4`` and ``3/4`` per axis no product or sum of integers below ``2**49`` (see
+    :func:`_requant`) is rounded. The one rounding is the final shift, half to even.
     """
     values = x.values.permute(0, 3, 1, 2)
-    if float(values.abs().max()) < 2.0**20:
-        values = values.float()
     upsampled = F.interpolate(values, scale_factor=2, mode="bilinear", align_corners=False)
     codes = upsampled.mul_(2.0**-x.extra_bits).round_().clamp_(fmt.lo, fmt.hi)
     return codes.to(fmt.dtype).permute(0, 2, 3, 1).contiguous()
@@ -463,7 +483,7 @@ class IntegerUNet:
             joined = torch.cat([up, _as_float(skip)], dim=1)
             if fmt is None:
                 return joined
-            return Codes(fmt.quantize(joined).permute(0, 2, 3, 1).contiguous().to(fmt.dtype), fmt)
+            return Codes(fmt.codes(joined), fmt)
         up_codes = upsample_codes(below, fmt)
         assert isinstance(skip, Codes)
         return Codes(torch.cat([up_codes, skip.values], dim=3), fmt)

@@ -62,7 +62,7 @@ def predict_probabilities(
 
     Images larger than ``config.tile`` are cut into overlapping tiles whose sigmoid outputs are
     blended with Gaussian weights (no seams); smaller ones go through whole. Tiles from all
-    slices are batched ``config.batch_size`` at a time.
+    slices are batched ``config.batch_size`` at a time (automatic: 1 on the CPU, 4 on GPUs).
     """
     if isinstance(model, nn.Module):
         model.eval()
@@ -72,8 +72,9 @@ def predict_probabilities(
     total = np.zeros(slices.shape, dtype=np.float32)
     norm = np.zeros(slices.shape, dtype=np.float32)
     windows = list(_windows(slices.shape, config))
-    for first in range(0, len(windows), config.batch_size):
-        batch = windows[first : first + config.batch_size]
+    batch_size = config.batch_size or (1 if torch.device(device).type == "cpu" else 4)
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
         tiles = np.stack([slices[i, r : r + tile_h, c : c + tile_w] for i, r, c in batch])
         logits = model(torch.from_numpy(tiles[:, None]).to(device))
         if logits.shape[1] != 1:
