@@ -7,9 +7,10 @@ Models are the paper table's seed-0 runs (``benchmarks/paper_table.py``; cached 
 - agreement: the packed file's masks against the quantization-aware model's (identical by
   design), and the integer path's masks (``--integer``: int8 codes, int32 accumulators) against
   the float simulation, pixel by pixel over the whole test split, with the Dice of each;
-- speed: segmenting one 512 x 512 slice and the EM test volume (4 x 512 x 512) with the FP32
-  model, the packed W4A6 model (weights dequantized once, BatchNorm folded) and the integer
-  path, interleaved repeats, medians and ratios to FP32;
+- speed: the network alone on one 512 x 512 tile, and segmenting one 512 x 512 slice and the
+  EM test volume (4 x 512 x 512) end to end, with the FP32 model, the packed W4A6 model
+  (weights dequantized once, BatchNorm folded) and the integer path; interleaved repeats,
+  medians and ratios to FP32;
 - where the time goes: PyTorch's profiler over one 512 x 512 forward pass, convolution kernels
   against everything else.
 
@@ -19,7 +20,11 @@ Models are the paper table's seed-0 runs (``benchmarks/paper_table.py``; cached 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +37,7 @@ import paper_table
 from _common import machine, machine_line, update_readme, write_results
 from napari_unetquant.config import InferConfig, QuantConfig
 from napari_unetquant.data import Volume
+from napari_unetquant.data.preprocess import network_input
 from napari_unetquant.infer import IntegerUNet, segment_volume
 from napari_unetquant.metrics import SegmentationScores, segmentation_scores
 from napari_unetquant.modelio import SegmentationModel, load_model, save_model
@@ -128,6 +134,17 @@ def speed(dataset: paper_table.Dataset, folder: Path, repeats: int) -> list[dict
     volume = read_pairs([dataset.test[0][0]], [dataset.test[0][1]], dataset.foreground_value)[0]
     inputs = {"one 512 x 512 slice": Volume(volume.image.array[:1]), "volume": volume.image}
     rows = []
+    tile = torch.from_numpy(network_input(Volume(volume.image.array[:1]), fp32.preprocess))[None]
+    networks = {
+        "FP32": fp32.model,
+        f"{SPEED_ROW} packed, float path": packed.model,
+        f"{SPEED_ROW} packed, integer path": IntegerUNet(packed.model),
+    }
+    with torch.no_grad():
+        runs = {name: (lambda n=network: n(tile)) for name, network in networks.items()}
+        medians = _median_times(runs, 3 * repeats)
+    for setting, seconds in medians.items():
+        rows.append(_speed_row("network alone, one 512 x 512 tile", setting, seconds, medians))
     for name, image in inputs.items():
         settings = {
             "FP32": (fp32, InferConfig()),
@@ -141,18 +158,24 @@ def speed(dataset: paper_table.Dataset, folder: Path, repeats: int) -> list[dict
         medians = _median_times(
             runs, repeats if image.array.shape[0] == 1 else max(3, repeats // 2)
         )
+        shape = "x".join(map(str, image.array.shape))
         for setting, seconds in medians.items():
-            rows.append(
-                {
-                    "input": f"{name} ({'x'.join(map(str, image.array.shape))})",
-                    "setting": setting,
-                    "median_ms": round(1000 * seconds, 1),
-                    "ratio_to_fp32": round(seconds / medians["FP32"], 3),
-                    "speedup": round(medians["FP32"] / seconds, 2),
-                }
-            )
-            print(rows[-1], flush=True)
+            rows.append(_speed_row(f"segment_volume, {name} ({shape})", setting, seconds, medians))
     return rows
+
+
+def _speed_row(
+    what: str, setting: str, seconds: float, medians: dict[str, float]
+) -> dict[str, Any]:
+    row = {
+        "input": what,
+        "setting": setting,
+        "median_ms": round(1000 * seconds, 1),
+        "ratio_to_fp32": round(seconds / medians["FP32"], 3),
+        "speedup": round(medians["FP32"] / seconds, 2),
+    }
+    print(row, file=sys.stderr, flush=True)
+    return row
 
 
 def breakdown(dataset: paper_table.Dataset, folder: Path) -> list[dict[str, Any]]:
@@ -191,7 +214,7 @@ def breakdown(dataset: paper_table.Dataset, folder: Path) -> list[dict[str, Any]
                 "other_ms": round(total - sum(parts.values()), 1),
             }
         )
-        print(rows[-1], flush=True)
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -209,49 +232,88 @@ def markdown(result: dict[str, Any], info: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| input | setting | time (ms, median) | time / FP32 | speed-up |",
-        "|---|---|---|---|---|",
+        "| allocator | input | setting | time (ms, median) | time / FP32 | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["speed"]:
         lines.append(
-            f"| {r['input']} | {r['setting']} | {r['median_ms']} | {r['ratio_to_fp32']:.3f} | "
-            f"{r['speedup']:.2f}x |"
+            f"| {r['allocator']} | {r['input']} | {r['setting']} | {r['median_ms']} | "
+            f"{r['ratio_to_fp32']:.3f} | {r['speedup']:.2f}x |"
         )
     lines += [
         "",
-        "| one 512 x 512 forward pass | total (ms) | float conv kernels (ms) "
+        "| allocator | one 512 x 512 forward pass | total (ms) | float conv kernels (ms) "
         "| int8 GEMM kernels (ms) | everything else (ms) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["breakdown"]:
         lines.append(
-            f"| {r['network']} | {r['total_ms']} | {r['float conv (mkldnn)']} | "
-            f"{r['int8 GEMM (_int_mm)']} | {r['other_ms']} |"
+            f"| {r['allocator']} | {r['network']} | {r['total_ms']} | "
+            f"{r['float conv (mkldnn)']} | {r['int8 GEMM (_int_mm)']} | {r['other_ms']} |"
         )
     lines.append("")
     lines.append(
         f"Seed-0 models of the paper table (U-Net base 16); agreement over every pixel of the "
-        f"test splits; speed on the EM test stack, end to end (`segment_volume`: "
-        f"normalisation, network, resampling), {result['repeats']} interleaved repeats; "
+        f"test splits; speed on the EM test stack: the network alone, and end to end "
+        f"(`segment_volume`: normalisation, network, blending, resampling; one tile per batch "
+        f"on the CPU), {result['repeats']} interleaved repeats (3x for the network alone), "
+        f"one process per allocator setting (no mmap/trim: `MALLOC_MMAP_THRESHOLD_` and "
+        f"`MALLOC_TRIM_THRESHOLD_` = 2**30); "
         f"{machine_line(info)}. Generated by `python benchmarks/integer_inference.py`."
     )
     return "\n".join(lines)
 
 
+# glibc returns large freed blocks to the kernel and maps new ones on the next allocation, so
+# every big tensor page-faults afresh; PyTorch's CPU tuning guide recommends a caching
+# allocator instead. Both ways are timed, each in its own process.
+ALLOCATORS = {
+    "glibc default": {},
+    "glibc, no mmap/trim": {
+        "MALLOC_MMAP_THRESHOLD_": str(2**30),
+        "MALLOC_TRIM_THRESHOLD_": str(2**30),
+    },
+}
+
+
+def timings(repeats: int) -> dict[str, Any]:
+    em = paper_table._isbi(paper_table.RUNS / "data")
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        return {"speed": speed(em, folder, repeats), "breakdown": breakdown(em, folder)}
+
+
+def timed_in_processes(repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """:func:`timings` in a fresh process per allocator setting."""
+    merged: dict[str, list[dict[str, Any]]] = {"speed": [], "breakdown": []}
+    for allocator, variables in ALLOCATORS.items():
+        command = [sys.executable, __file__, "--timing-child", "--repeats", str(repeats)]
+        env = {**os.environ, **variables}
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        result = json.loads(output.stdout.strip().splitlines()[-1])
+        for key in merged:
+            merged[key] += [{"allocator": allocator, **row} for row in result[key]]
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
+    if args.timing_child:
+        print(json.dumps(timings(args.repeats)))
+        return
     info = machine()
+    timed = timed_in_processes(args.repeats)
     em, gm = paper_table._isbi(paper_table.RUNS / "data"), paper_table._gm()
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         result = {
             "repeats": args.repeats,
             "agreement": agreement(em, folder) + agreement(gm, folder),
-            "speed": speed(em, folder, args.repeats),
-            "breakdown": breakdown(em, folder),
+            **timed,
         }
     table = markdown(result, info)
     write_results("integer_inference", {"machine": info, **result}, table)

@@ -38,7 +38,9 @@ def main() -> None:
     try:
         from monai.inferers import sliding_window_inference
     except ImportError as error:
-        raise SystemExit(f"MONAI is not installed ({error}); pip install -e '.[benchmarks]'") from None
+        raise SystemExit(
+            f"MONAI is not installed ({error}); pip install -e '.[benchmarks]'"
+        ) from None
 
     em = paper_table._isbi(paper_table.RUNS / "data")
     models = paper_table.ROWS

@@ -423,3 +423,8 @@ def test_export_and_integer_errors_are_one_line(
         ["export", "--model", str(trained), "--out", str(tmp_path / "i.st"), "--integer"], capsys
     )
     assert code == 2 and "no quantized layer" in err and not (tmp_path / "i.st").exists()
+    packed = tmp_path / "fp-packed.safetensors"
+    assert _run(["export", "--model", str(trained), "--out", str(packed)], capsys)[0] == 0
+    argv = _train_args(phantom_files, tmp_path / "q.safetensors", "--init", str(packed), *FAST)
+    code, _, err = _run([*argv, "--weight-bits", "4"], capsys)
+    assert code == 2 and "packed model file" in err

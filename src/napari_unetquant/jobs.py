@@ -83,6 +83,11 @@ def _initial_model(job: TrainJob) -> _Start:
         unet = job.unet or UNetConfig()
         return _Start(build_unet(unet, job.quant), unet, None, job.foreground_value)
     source = load_model(job.init)
+    if source.layout != "state_dict":
+        raise ValueError(
+            f"{job.init} is a packed model file (for deployment: codes, folded BatchNorm); "
+            f"fine-tune from the model file that training wrote"
+        )
     _check_init_conflicts(job, source)
     foreground = source.info.get("foreground_value", job.foreground_value)
     return _Start(requantized(source, job.quant), source.unet, source.preprocess, foreground)

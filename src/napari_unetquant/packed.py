@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import UNetConfig
+from .config import QuantConfig, UNetConfig
 from .model import ConvBlock, FoldedBatchNorm2d, build_unet, fold_batch_norm
 from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
 from .quant.layers import QuantConv2d
@@ -79,7 +79,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if peak is not None and bool(peak.initialized):
             # the frozen format (frac_bits) is kept; the running peak that chose it is not
             consumed.update(k for k in state if k.startswith(f"{name}.input_quantizer.peak."))
-        elif isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.BatchNorm2d):
             alpha, beta = fold_batch_norm(module)
             tensors[f"{name}.alpha"], tensors[f"{name}.beta"] = alpha, beta
             consumed.update(k for k in state if k.startswith(f"{name}."))
@@ -90,7 +90,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def packed_network(
-    unet: UNetConfig, quant: Any, tensors: dict[str, Tensor], layers: dict[str, Any]
+    unet: UNetConfig, quant: QuantConfig, tensors: dict[str, Tensor], layers: dict[str, Any]
 ) -> nn.Module:
     """The network of a packed file: built from its configuration, weights dequantized once,
     BatchNorm folded. Raises ``ValueError`` when the tensors do not fit the configuration."""
@@ -119,8 +119,9 @@ def packed_network(
         missing = f"{name}.input_quantizer.peak.value" not in tensors
         if peak is not None and missing and f"{name}.input_quantizer.frac_bits" in tensors:
             assert isinstance(module, QuantConv2d)
+            assert isinstance(module.input_quantizer, FixedPointQuantizer)
             frac = int(tensors[f"{name}.input_quantizer.frac_bits"])
-            top = 2 ** (module.input_quantizer.config.bits - 1) - 1
+            top = 2**module.input_quantizer.magnitude_bits - 1  # the peak the format covers
             tensors[f"{name}.input_quantizer.peak.value"] = torch.tensor(top * 2.0**-frac)
             tensors[f"{name}.input_quantizer.peak.initialized"] = torch.tensor(True)
     for name, module in list(model.named_modules()):

@@ -14,6 +14,7 @@ import pytest
 
 from napari_unetquant._widgets import _session
 from napari_unetquant.metrics import segmentation_scores
+from napari_unetquant.modelio import load_model
 
 PLUGIN = "napari-unetquant"
 WIDGETS = ["Train quantized U-Net", "Segment", "Dice readout", "Bit-width sweep"]
@@ -48,7 +49,7 @@ def test_each_widget_docks(make_napari_viewer: Callable[..., Any], name: str) ->
 
 
 def test_sample_train_segment_and_dice_end_to_end(
-    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str]
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
 ) -> None:
     viewer = _viewer_with_sample(make_napari_viewer)
     train = _dock(viewer, "Train quantized U-Net")
@@ -58,6 +59,13 @@ def test_sample_train_segment_and_dice_end_to_end(
     names = list(_session.models())
     assert [n.split(" ")[0] for n in names] == ["FP", "W4A6"]
     assert train.last_model.info["steps"] == 4 and "W4A6" in train.status.value
+    for packed in (False, True):
+        train.packed.value = packed
+        train.save_path.value = tmp_path / f"w4a6-{packed}"
+        train.save.clicked()
+    plain, small = tmp_path / "w4a6-False.safetensors", tmp_path / "w4a6-True.safetensors"
+    assert (load_model(plain).layout, load_model(small).layout) == ("state_dict", "packed")
+    assert small.stat().st_size < plain.stat().st_size
 
     segment = _dock(viewer, "Segment")
     segment.model.reset_choices()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import napari
@@ -48,6 +49,9 @@ class TrainWidget(TrainingInputs):
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="", label="status")
         self.save_path = FileEdit(mode="w", filter="*.safetensors", label="save model to")
+        self.packed = CheckBox(
+            value=False, text="packed: codes at their bit width (for deployment, not fine-tuning)"
+        )
         self.save = PushButton(text="Save model", enabled=False)
         self.extend(
             [
@@ -64,6 +68,7 @@ class TrainWidget(TrainingInputs):
                 self.progress,
                 self.status,
                 self.save_path,
+                self.packed,
                 self.save,
             ]
         )
@@ -180,8 +185,9 @@ class TrainWidget(TrainingInputs):
         if not path.endswith(".safetensors"):
             path += ".safetensors"
         try:
-            save_model(path, self.last_model)
+            save_model(path, self.last_model, packed=self.packed.value)
         except (OSError, ValueError) as error:
             notify_error(error)
             return
-        show_info(f"saved {path}")
+        size = Path(path).stat().st_size / 1024
+        show_info(f"saved {path} ({'packed, ' if self.packed.value else ''}{size:.0f} KiB)")

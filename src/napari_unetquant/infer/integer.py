@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,13 @@ class ActFormat:
             f"{config.label}; segment this model without --integer"
         )
 
-    def codes(self, y: Tensor) -> Tensor:
+    def codes(self, y: Tensor, scaled: Tensor | None = None) -> Tensor:
         """Codes ``(N, H, W, C)`` of float values ``(N, C, H, W)``, computed exactly as the
-        quantizer does, in this format's integer dtype."""
+        quantizer does, in this format's integer dtype (``scaled``: scratch ``(N, H, W, C)``
+        of ``y``'s dtype)."""
         n, c, h, w = y.shape
-        scaled = torch.empty(n, h, w, c, dtype=y.dtype)
+        if scaled is None:
+            scaled = torch.empty(n, h, w, c, dtype=y.dtype)
         if self.frac_bits is not None:
             torch.mul(y, 2.0**self.frac_bits, out=scaled.permute(0, 3, 1, 2))
         else:
@@ -200,6 +203,12 @@ class Codes:
 
 
 Spec = tuple[str, ActFormat | None, int]  # (consumer name, its input format, extra bits)
+Buffers = Callable[[str, tuple[int, ...], torch.dtype], Tensor]
+
+
+def fresh(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A new, uninitialised tensor (the :data:`Buffers` that keeps nothing)."""
+    return torch.empty(shape, dtype=dtype)
 
 
 class IntegerConv:
@@ -253,6 +262,7 @@ class IntegerConv:
             )
         self.matrix = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).to(torch.int8)
         self.scale = codes.scale.double() * self.input_format.step  # accumulator step per channel
+        self._scale32 = self.scale.float()
         peak = max(abs(self.input_format.lo), abs(self.input_format.hi))
         bound = int(weight.abs().sum(dim=(1, 2, 3)).max()) * peak
         if bound >= 2 ** (ACCUMULATOR_BITS - 1):
@@ -277,16 +287,23 @@ class IntegerConv:
             )
         return self._requants[key]
 
-    def run(self, x: Tensor | Codes, outputs: list[Spec]) -> dict[str, Tensor | Codes]:
-        """Convolve ``x`` (float ``NCHW`` or codes) and produce one result per consumer."""
+    def run(
+        self, x: Tensor | Codes, outputs: list[Spec], buffers: Buffers = fresh
+    ) -> dict[str, Tensor | Codes]:
+        """Convolve ``x`` (float ``NCHW`` or codes) and produce one result per consumer;
+        ``buffers`` provides the memory of integer results (reused between calls)."""
         if not self.integer:
-            return self._run_float(x, outputs)
+            return self._run_float(x, outputs, buffers)
         if not isinstance(x, Codes):
             assert self.input_format is not None
-            x = Codes(self.input_format.codes(x), self.input_format)
-        return self._run_integer(x, outputs)
+            n, c, h, w = x.shape
+            scratch = buffers(f"{self.name}.scaled", (n, h, w, c), x.dtype)
+            x = Codes(self.input_format.codes(x, scratch), self.input_format)
+        return self._run_integer(x, outputs, buffers)
 
-    def _run_float(self, x: Tensor | Codes, outputs: list[Spec]) -> dict[str, Tensor | Codes]:
+    def _run_float(
+        self, x: Tensor | Codes, outputs: list[Spec], buffers: Buffers
+    ) -> dict[str, Tensor | Codes]:
         if isinstance(x, Codes):
             x = x.values.permute(0, 3, 1, 2).float() * x.fmt.step_tensor
         y = self.layer(x)  # the layer quantizes its own input exactly as in training
@@ -297,12 +314,21 @@ class IntegerConv:
             if fmt is None or extra:
                 results[consumer] = y  # float consumers, and float upsampling
             else:
-                results[consumer] = Codes(fmt.codes(y), fmt)
+                n, c, h, w = y.shape
+                scratch = buffers(f"{self.name}>{consumer}.scaled", (n, h, w, c), y.dtype)
+                results[consumer] = Codes(fmt.codes(y, scratch), fmt)
         return results
 
-    def _run_integer(self, x: Codes, outputs: list[Spec]) -> dict[str, Tensor | Codes]:
+    def _run_integer(
+        self, x: Codes, outputs: list[Spec], buffers: Buffers
+    ) -> dict[str, Tensor | Codes]:
         batch, height, width, channels = x.values.shape
-        padded = F.pad(x.values, (0, 0, 1, 1, 1, 1))
+        padded = buffers(
+            f"{self.name}.padded", (batch, height + 2, width + 2, channels), x.values.dtype
+        )
+        for border in (padded[:, 0], padded[:, -1], padded[:, :, 0], padded[:, :, -1]):
+            border.zero_()  # zero codes around the image: the convolution's zero padding
+        padded[:, 1:-1, 1:-1].copy_(x.values)
         stride = padded.stride()
         rows = max(1, _CHUNK_BYTES // max(1, width * 9 * channels))
         requants = {c: (self.requant(c, f, e) if f is not None else None) for c, f, e in outputs}
@@ -310,7 +336,11 @@ class IntegerConv:
         results: dict[str, Tensor] = {}
         for consumer, fmt, extra in outputs:
             dtype = torch.float32 if fmt is None else (torch.float64 if extra else fmt.dtype)
-            results[consumer] = torch.empty(batch, height, width, out_channels, dtype=dtype)
+            shape = (batch, height, width, out_channels)
+            if fmt is None:  # float results leave the integer network: never reused
+                results[consumer] = torch.empty(shape, dtype=dtype)
+            else:
+                results[consumer] = buffers(f"{self.name}>{consumer}", shape, dtype)
         for n in range(batch):
             for top in range(0, height, rows):
                 count = min(rows, height - top)
@@ -343,7 +373,7 @@ class IntegerConv:
 
     def _to_float(self, acc: Tensor) -> Tensor:
         """The layer's float output (bias, ReLU, BatchNorm) from its accumulators."""
-        z = acc.to(torch.float32) * self.scale.float() + self.bias
+        z = torch.addcmul(self.bias, acc, self._scale32)  # int32 * float32 -> float32
         if self.bn is None:
             return z
         return torch.relu_(z).mul_(self.alpha).add_(self.beta)
@@ -364,7 +394,9 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buffer[:numel]
 
 
-def upsample_codes(x: Codes, fmt: ActFormat) -> Tensor:
+def upsample_codes(
+    x: Codes, fmt: ActFormat, buffers: Buffers = fresh, key: str = "upsample"
+) -> Tensor:
     """Bilinear 2x upsampling (``align_corners=False``) of codes with extra bits, rounded to
     ``fmt``'s codes: every output is ``(9a + 3b + 3c + d) / 16`` of its four neighbours.
 
@@ -372,10 +404,20 @@ def upsample_codes(x: Codes, fmt: ActFormat) -> Tensor:
     weights ``1/4`` and ``3/4`` per axis no product or sum of integers below ``2**49`` (see
     :func:`_requant`) is rounded. The one rounding is the final shift, half to even.
     """
-    values = x.values.permute(0, 3, 1, 2)
-    upsampled = F.interpolate(values, scale_factor=2, mode="bilinear", align_corners=False)
-    codes = upsampled.mul_(2.0**-x.extra_bits).round_().clamp_(fmt.lo, fmt.hi)
-    return codes.to(fmt.dtype).permute(0, 2, 3, 1).contiguous()
+    n, h, w, c = x.values.shape
+    size = (n, 2 * h, 2 * w, c)
+    upsampled = buffers(f"{key}.float64", size, x.values.dtype)  # NHWC memory
+    torch.ops.aten.upsample_bilinear2d.out(
+        x.values.permute(0, 3, 1, 2),
+        [2 * h, 2 * w],
+        False,
+        2.0,
+        2.0,
+        out=upsampled.permute(0, 3, 1, 2),
+    )  # what F.interpolate(scale_factor=2, mode="bilinear") computes, into the buffer
+    upsampled.mul_(2.0**-x.extra_bits).round_().clamp_(fmt.lo, fmt.hi)
+    codes = buffers(f"{key}.codes", size, fmt.dtype)
+    return codes.copy_(upsampled)
 
 
 def _max_pool(x: Tensor | Codes) -> Tensor | Codes:
@@ -417,6 +459,7 @@ class IntegerUNet:
                 "(train one with --weight-bits/--act-bits)"
             )
         self.outputs = self._dataflow()
+        self._local = threading.local()
 
     @property
     def integer_layers(self) -> list[str]:
@@ -467,7 +510,7 @@ class IntegerUNet:
 
     def _run(self, name: str, x: Tensor | Codes) -> list[Tensor | Codes]:
         specs = self.outputs[name]
-        results = self.convs[name].run(x, specs)
+        results = self.convs[name].run(x, specs, self._buffer)
         return [results[consumer] for consumer, _, _ in specs]
 
     def _block(self, block: str, x: Tensor | Codes) -> list[Tensor | Codes]:
@@ -484,9 +527,24 @@ class IntegerUNet:
             if fmt is None:
                 return joined
             return Codes(fmt.codes(joined), fmt)
-        up_codes = upsample_codes(below, fmt)
+        up_codes = upsample_codes(below, fmt, self._buffer, f"{consumer}.upsampled")
         assert isinstance(skip, Codes)
-        return Codes(torch.cat([up_codes, skip.values], dim=3), fmt)
+        n, h, w, _ = up_codes.shape
+        channels = up_codes.shape[3] + skip.values.shape[3]
+        joined = self._buffer(f"{consumer}.joined", (n, h, w, channels), up_codes.dtype)
+        return Codes(torch.cat([up_codes, skip.values], dim=3, out=joined), fmt)
+
+    def _buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A tensor of ``shape`` kept for the next call (per thread): big fresh allocations
+        page-fault on every call, reused ones do not. Results that leave the network (the
+        logits) are never such buffers."""
+        pool: dict[str, Tensor] = self._local.__dict__.setdefault("pool", {})
+        numel = math.prod(shape)
+        buffer = pool.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = torch.empty(numel, dtype=dtype)
+            pool[key] = buffer
+        return buffer[:numel].view(shape)
 
 
 def _as_float(x: Tensor | Codes) -> Tensor:
