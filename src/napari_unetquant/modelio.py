@@ -29,7 +29,13 @@ from .config import (
 )
 from .data.io import atomic_path
 from .model import FoldedBatchNorm2d, build_unet
-from .packed import LAYOUT_PACKED, LAYOUT_STATE_DICT, pack_model, packed_network
+from .packed import (
+    LAYOUT_PACKED,
+    LAYOUT_STATE_DICT,
+    load_exactly,
+    pack_model,
+    packed_network,
+)
 
 FORMAT = "napari-unetquant-model"
 VERSION = 1  # the state_dict layout
@@ -163,20 +169,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: the model's configuration is invalid ({error})") from error
     tensors = load_file(str(path))
-    if config["layout"] == LAYOUT_PACKED:
-        try:
+    try:
+        if config["layout"] == LAYOUT_PACKED:
             model = packed_network(unet, quant, tensors, dict(config.get("layers", {})))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
-    else:
-        model = build_unet(unet, quant)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"{path}: tensors do not match the configured network ({error}); the file is "
-                f"damaged or was edited"
-            ) from error
+        else:
+            model = build_unet(unet, quant)
+            load_exactly(model, tensors)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     model.to(device).eval()
     info = dict(config.get("info", {}))
     return SegmentationModel(model, unet, quant, preprocess, info, config["layout"])

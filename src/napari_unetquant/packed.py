@@ -89,6 +89,18 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, layers
 
 
+def load_exactly(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """``model.load_state_dict(tensors, strict=True)``, with a ``ValueError`` that says what
+    the mismatch means for a model file."""
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"tensors do not match the configured network ({error}); the file is damaged or "
+            f"was edited"
+        ) from error
+
+
 def packed_network(
     unet: UNetConfig, quant: QuantConfig, tensors: dict[str, Tensor], layers: dict[str, Any]
 ) -> nn.Module:
@@ -129,13 +141,7 @@ def packed_network(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, FoldedBatchNorm2d(module.num_features))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise ValueError(
-            f"tensors do not match the configured network ({error}); the file is damaged or "
-            f"was edited"
-        ) from error
+    load_exactly(model, tensors)
     model.eval()
     _fast_inference(model)
     return model
