@@ -1,7 +1,8 @@
 """Render the viewer with the plugin's widgets and a segmentation overlay to PNG, for the README.
 
 Runs the real widgets: opens the generated sample, trains FP then fine-tunes W4A6 with the
-Train widget, segments with the Segment widget and scores with the Dice readout.
+Train widget, segments with the Segment widget (float simulation, then integer arithmetic) and
+scores both with the Dice readout.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/screenshots.py [--steps N]
     (or: make screenshots)
@@ -55,13 +56,18 @@ def main() -> None:
     segment.model.value = segment.model.choices[0]
     segment.run_button.clicked()
     _wait(app, lambda: "EM phantom W4A6" in viewer.layers)
+    segment.integer.value = True
+    segment.run_button.clicked()
+    _wait(app, lambda: "EM phantom W4A6 integer" in viewer.layers)
     _, dice = viewer.window.add_plugin_dock_widget("napari-unetquant", "Dice readout")
     dice.truth.value = viewer.layers["EM phantom membranes"]
     dice.predictions.reset_choices()
-    dice.predictions.value = [viewer.layers["EM phantom W4A6"]]
+    predictions = [viewer.layers["EM phantom W4A6"], viewer.layers["EM phantom W4A6 integer"]]
+    dice.predictions.value = predictions
     dice.compute.clicked()
     viewer.layers["EM phantom membranes"].visible = False
-    viewer.layers["EM phantom W4A6"].opacity = 0.5
+    viewer.layers["EM phantom W4A6"].visible = False
+    viewer.layers["EM phantom W4A6 integer"].opacity = 0.5
     OUT.mkdir(parents=True, exist_ok=True)
     for _ in range(20):
         app.processEvents()
