@@ -51,10 +51,12 @@ def test_packed_file_runs_exactly_like_the_model_it_came_from(label: str, tmp_pa
     loaded = load_model(path)
     assert loaded.layout == "packed" and loaded.quant == bundle.quant
     x = torch.randn(2, 1, 44, 52)
+    original = x.clone()
     with torch.no_grad():
         expected = bundle.model(x)
-        assert torch.equal(loaded.model(x.clone()), expected)
-        assert torch.equal(loaded.model(x.clone()), expected)  # in-place paths leave no trace
+        assert torch.equal(loaded.model(x), expected)
+        assert torch.equal(loaded.model(x), expected)  # in-place paths leave no trace
+    assert torch.equal(x, original)  # the caller's input is never overwritten
     # re-packing a loaded packed model writes the same codes
     again = tmp_path / "again.safetensors"
     save_model(again, loaded, packed=True)
@@ -145,3 +147,55 @@ def test_a_packed_model_cannot_be_saved_unpacked(tmp_path: Path) -> None:
     save_model(path, _trained(QuantConfig.from_label("W4A6")), packed=True)
     with pytest.raises(ValueError, match="save it packed"):
         save_model(tmp_path / "state.safetensors", load_model(path))
+
+
+def test_submodules_of_a_packed_model_keep_their_plain_meaning(tmp_path: Path) -> None:
+    """The in-place inference path belongs to whole blocks: a BatchNorm or convolution called
+    on its own computes what it says and leaves its input alone."""
+    bundle = _trained(QuantConfig.from_label("W4A6"))
+    path = tmp_path / "p.safetensors"
+    save_model(path, bundle, packed=True)
+    loaded = load_model(path).model
+    x = torch.randn(1, 8, 16, 16)
+    original = x.clone()
+    with torch.no_grad():
+        assert torch.equal(loaded.enc2.bn1(x), bundle.model.enc2.bn1(x))
+        assert torch.equal(loaded.enc2.conv2(x), bundle.model.enc2.conv2(x))
+        block = torch.randn(1, 4, 16, 16)
+        assert torch.equal(loaded.enc2(block), bundle.model.enc2(block))
+    assert torch.equal(x, original)
+
+
+def test_damaged_packing_metadata_is_a_clear_error(tmp_path: Path) -> None:
+    bundle = _trained(QuantConfig.from_label("W4A6"))
+    path = tmp_path / "p.safetensors"
+    save_model(path, bundle, packed=True)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    edits = {
+        "no offset": lambda layers: layers["enc2.conv1"].pop("offset"),
+        "null layer": lambda layers: layers.update({"enc2.conv1": None}),
+        "text bits": lambda layers: layers["enc2.conv1"].update(bits="4"),
+        "wrong offset": lambda layers: layers["enc2.conv1"].update(offset=3),
+        "layers a list": None,
+    }
+    for name, edit in edits.items():
+        config = json.loads(metadata["config"])
+        if edit is None:
+            config["layers"] = [1, 2]
+        else:
+            edit(config["layers"])
+        damaged = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(damaged), metadata=dict(metadata, config=json.dumps(config)))
+        with pytest.raises(ValueError, match=r"damaged|edited|does not fit"):
+            load_model(damaged)
+
+
+def test_batchnorm_with_frozen_statistics_still_trains_its_affine() -> None:
+    bn = BatchNorm2d(3).eval()
+    bn(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+    assert float(bn.bias.grad.abs().sum()) > 0

@@ -175,6 +175,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         else:
             model = build_unet(unet, quant)
             load_exactly(model, tensors)
+    except (KeyError, TypeError) as error:  # metadata of the wrong shape
+        raise ValueError(f"{path}: the model's metadata is damaged ({error!r})") from error
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     model.to(device).eval()

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import QuantConfig, UNetConfig
-from .model import ConvBlock, FoldedBatchNorm2d, build_unet, fold_batch_norm
+from .config import QuantConfig, QuantizerConfig, UNetConfig
+from .model import FoldedBatchNorm2d, UNet, build_unet, fold_batch_norm
 from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
 from .quant.layers import QuantConv2d
 from .quant.packing import pack_codes, unpack_codes
@@ -118,12 +118,13 @@ def packed_network(
         layer = model.get_submodule(name)
         assert isinstance(layer, QuantConv2d)
         original = layer.weight_quantizer
-        if info["bits"] != original.config.bits or info["method"] != original.config.method:
+        try:
+            codes = _read_codes(name, info, tensors, tuple(layer.weight.shape), original.config)
+        except (KeyError, TypeError) as error:
             raise ValueError(
-                f"{name}: packed as {info['method']}{info['bits']}, configured as "
-                f"{original.config.label}; the file is damaged or was edited"
-            )
-        codes = _read_codes(name, info, tensors, tuple(layer.weight.shape))
+                f"{name}: the packing metadata is damaged ({type(error).__name__}: {error}); "
+                f"export the model again"
+            ) from error
         layer.weight_quantizer = FrozenWeight(original.config, codes, original.scale_count)
         tensors[f"{name}.weight"] = dequantize(codes)
     for name, module in model.named_modules():
@@ -148,32 +149,32 @@ def packed_network(
 
 
 def _fast_inference(model: nn.Module) -> None:
-    """Inference shortcuts with identical results: every convolution but the first reads a
-    fresh intermediate tensor (pooling, concatenation, BatchNorm output) that nothing else
-    reads, so it may quantize it in place; a second convolution of a block with a fixed-point
-    input lets the BatchNorm before it (its only producer) apply the power-of-two scale."""
-    for name, module in model.named_modules():
-        if isinstance(module, QuantConv2d) and name != "enc1.conv1":
-            module.overwrite_input = True
-        if isinstance(module, ConvBlock):
-            conv, bn = module.conv2, module.bn1
-            quantizer = conv.input_quantizer if isinstance(conv, QuantConv2d) else None
-            frozen = isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen
-            if frozen and isinstance(bn, FoldedBatchNorm2d) and isinstance(conv, QuantConv2d):
-                assert isinstance(quantizer, FixedPointQuantizer)
-                bn.output_scale = 2.0 ** int(quantizer.frac_bits)
-                conv.input_prescaled = True
+    """Turn on the U-Net's in-place inference path (same outputs, fewer passes)."""
+    if isinstance(model, UNet):
+        model.fast_inference = True
 
 
 def _read_codes(
-    name: str, info: dict[str, Any], tensors: dict[str, Tensor], shape: tuple[int, ...]
+    name: str,
+    info: dict[str, Any],
+    tensors: dict[str, Tensor],
+    shape: tuple[int, ...],
+    config: QuantizerConfig,
 ) -> WeightCodes:
+    bits, frac, offset = info["bits"], info["frac_bits"], info["offset"]
+    expected_offset = 0 if config.signed else 2 ** (config.bits - 1)
+    if info["method"] != config.method or bits != config.bits or offset != expected_offset:
+        raise ValueError(
+            f"{name}: packed as {info['method']} {bits!r} bits (offset {offset!r}), configured "
+            f"as {config.label}; the file is damaged or was edited"
+        )
+    if (frac is None) == (config.method == "fixed") or not (frac is None or type(frac) is int):
+        raise ValueError(f"{name}: the fixed-point shift {frac!r} does not fit {config.label}")
     if list(shape) != list(info["shape"]):
         raise ValueError(f"{name}: packed shape {info['shape']} but the network has {shape}")
     packed = tensors.pop(f"{name}.weight.codes", None)
     if packed is None:
         raise ValueError(f"{name}: the packed weight codes are missing; the file is damaged")
-    bits, frac, offset = int(info["bits"]), info["frac_bits"], int(info["offset"])
     codes = unpack_codes(packed, bits, shape) + offset
     if frac is None:
         scale = tensors.pop(f"{name}.weight.scale", None)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_unetquant.config import QuantConfig, QuantizerConfig, UNetConfig
+from napari_unetquant.config import LayerOverride, QuantConfig, QuantizerConfig, UNetConfig
 from napari_unetquant.data import em_phantom_stack
 from napari_unetquant.infer.integer import IntegerUNet, round_shift
 from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm2d, build_unet
+from napari_unetquant.modelio import SegmentationModel, load_model, save_model
 from napari_unetquant.quant import QuantConv2d
 
 
@@ -172,3 +174,51 @@ def test_input_of_any_size_is_padded_and_cropped_like_the_model() -> None:
         with torch.no_grad():
             assert torch.equal(net(x), model(x))
     assert np.isfinite(net(torch.zeros(1, 1, 8, 8)).numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        dataclasses.replace(QuantConfig.from_label("W4A6"), edge_layers=("enc1.conv1", "head")),
+        dataclasses.replace(
+            QuantConfig.from_label("W4A6"),
+            overrides=(LayerOverride("*.conv2", weight=QuantizerConfig()),),
+        ),
+        dataclasses.replace(QuantConfig.from_label("W4A4-lsq"), edge_layers=()),
+    ],
+    ids=["first-conv-float", "conv2-float-weights", "lsq-all"],
+)
+def test_packed_files_run_on_integers_like_the_model_they_came_from(
+    quant: QuantConfig, tmp_path: Path
+) -> None:
+    model = _train(quant, steps=20)
+    path = tmp_path / "packed.safetensors"
+    save_model(
+        path, SegmentationModel(model, UNetConfig(base_width=8, depth=3), quant), packed=True
+    )
+    packed = load_model(path).model
+    x = torch.randn(1, 1, 48, 40) * 2
+    expected = IntegerUNet(model)(x)
+    assert torch.equal(IntegerUNet(packed)(x), expected)
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+
+
+def test_a_cached_integer_network_does_not_keep_its_model_alive() -> None:
+    import gc
+    import weakref
+
+    from napari_unetquant.infer.predict import integer_network
+
+    model = _train(QuantConfig.from_label("W4A6"), steps=2)
+    net = integer_network(model)
+    assert integer_network(model) is net  # built once
+    net(torch.randn(1, 1, 32, 32))
+    assert integer_network(model) is net  # running it changes nothing that counts
+    with torch.no_grad():
+        model.head.bias.add_(0.0)  # an in-place change of a parameter rebuilds it
+    assert integer_network(model) is not net
+    alive = weakref.ref(model)
+    del model, net
+    gc.collect()
+    assert alive() is None

@@ -62,8 +62,8 @@ def integer_network(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
             tensors[f"{name}.accumulator_scale"] = conv.scale
             entry["weight_bits"] = codes.bits
             entry["accumulator_bound"] = conv.accumulator_bound
-        else:
-            tensors[f"{name}.weight"] = layer.weight.detach().float()
+        else:  # the weights the layer computes with (dequantized when they are quantized)
+            tensors[f"{name}.weight"] = layer.quantized_weight().detach().float()
         for consumer, fmt, extra in net.outputs[name]:
             output: dict[str, Any] = {"consumer": consumer, "kind": "float"}
             if fmt is not None:

@@ -7,8 +7,9 @@ over an im2col view. Between layers the accumulator is requantized in integer ar
 to the next layer's input codes (see :class:`Requant`): bias, ReLU, the folded BatchNorm and the
 next format's step are one multiplier and one offset per channel and a rounding right shift.
 Where every scale is a power of two (the paper's fixed-point formats with power-of-two
-BatchNorm scales) this is exact; elsewhere the multiplier keeps 30 significant bits (fewer
-only for a layer whose accumulators could exceed ``2**22``).
+BatchNorm scales) and biases and BatchNorm shifts lie on the grid they are added to, this is
+exact; elsewhere a layer's largest multiplier keeps 30 significant bits (fewer only for a layer
+whose accumulators could exceed ``2**22``; smaller channels of the layer keep fewer).
 
 Bilinear upsampling runs on codes with 16 extra fractional bits (weights 1/16, 3/16, 9/16 are
 exact), max pooling on codes (quantization is monotone, so they commute). Layers kept at full
@@ -32,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.unet import FoldedBatchNorm2d, UNet, _pad_to_multiple, fold_batch_norm
+from ..model.unet import (
+    FoldedBatchNorm2d,
+    UNet,
+    _pad_to_multiple,
+    check_input,
+    fold_batch_norm,
+)
 from ..quant.codes import FrozenWeight, weight_codes
 from ..quant.layers import QuantConv2d
 from ..quant.quantizers import FixedPointQuantizer, LSQQuantizer, Quantizer
@@ -62,6 +69,11 @@ class ActFormat:
         if config.is_float:
             return None
         if isinstance(quantizer, FixedPointQuantizer):
+            if not quantizer.frozen:
+                raise ValueError(
+                    f"{where}: the activation format was never chosen (an untrained model); "
+                    f"train the model, or run it once in training mode, before --integer"
+                )
             frac = int(quantizer.frac_bits)
             top = 2**quantizer.magnitude_bits - 1
             step = torch.tensor(2.0**-frac)
@@ -117,7 +129,7 @@ class Requant:
     ``round(beta / step)``. ``extra_bits`` keeps that many more fractional bits and skips the
     range clamp (for upsampling before the final rounding).
 
-    ``shift`` is chosen so that ``|M| < 2**30`` and ``|M * acc + K| < 2**52`` for every
+    ``shift`` is chosen so that ``|M| <= 2**30`` and ``|M * acc + K| < 2**52`` for every
     accumulator the layer can produce: :meth:`reference` evaluates the formula in ``int64``,
     ``__call__`` evaluates the same integers in ``float64``, where below ``2**53`` every
     product, sum and power-of-two scaling is exact, so both give identical codes (tested).
@@ -435,7 +447,9 @@ class IntegerUNet:
     """A quantization-aware or packed :class:`~napari_unetquant.model.UNet` run on integers.
 
     ``IntegerUNet(model)(x)`` takes the same input as ``model`` (``(N, 1, H, W)`` float32) and
-    returns float32 logits; quantized layers compute on integer codes. CPU only.
+    returns float32 logits; quantized layers compute on integer codes. CPU only: building it
+    puts ``model`` in evaluation mode on the CPU, and it reads ``model``'s layers as they are
+    then (rebuild it after changing them; ``infer.predict.integer_network`` does).
 
     :attr:`outputs` is the dataflow: for each convolution, the consumers its result feeds, each
     with that consumer's input format and the extra fractional bits kept for upsampling.
@@ -444,9 +458,8 @@ class IntegerUNet:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, UNet):
             raise ValueError("integer inference runs the napari-unetquant U-Net only")
-        model = model.eval().cpu()
-        self.model = model
-        self.config = model.config
+        model = model.eval().cpu()  # an inference wrapper: the model stays in evaluation mode
+        self.config = model.config  # no reference to the model itself (caches key on it)
         self.convs: dict[str, IntegerConv] = {}
         for name, module in model.named_modules():
             if isinstance(module, QuantConv2d):
@@ -491,7 +504,7 @@ class IntegerUNet:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        self.model._check_input(x)
+        check_input(x, self.config)
         height, width = x.shape[-2:]
         current: Tensor | Codes = _pad_to_multiple(x.float().cpu(), self.config.size_multiple)
         depth = self.config.depth

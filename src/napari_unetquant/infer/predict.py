@@ -94,14 +94,19 @@ _INTEGER_NETWORKS = weakref.WeakKeyDictionary()
 
 
 def integer_network(model: nn.Module) -> IntegerUNet:
-    """``IntegerUNet(model)``, built once per model and rebuilt when its tensors change
-    (in-place updates such as optimizer steps bump a tensor's version counter)."""
-    versions = tuple(t._version for t in [*model.parameters(), *model.buffers()])
+    """``IntegerUNet(model)``, built once per model and rebuilt when its parameters change
+    (optimizer steps and other in-place updates bump a tensor's version counter; quantizer
+    buffers are left out: evaluation rewrites them with the same values)."""
     cached = _INTEGER_NETWORKS.get(model)
-    if cached is None or cached[0] != versions:
-        cached = (versions, IntegerUNet(model))
+    if cached is None or cached[0] != _parameter_versions(model):
+        network = IntegerUNet(model)
+        cached = (_parameter_versions(model), network)
         _INTEGER_NETWORKS[model] = cached
     return cached[1]
+
+
+def _parameter_versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(parameter._version for parameter in model.parameters())
 
 
 def segment_volume(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QuantConfig, UNetConfig
-from ..quant.layers import prepare
+from ..quant.layers import QuantConv2d, prepare
 
 
 def affine_channels(x: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -22,9 +22,9 @@ def affine_channels(x: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     return F.batch_norm(x, zeros, ones, alpha, beta, False, 0.0, 0.0)
 
 
-def fold_batch_norm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fold_batch_norm(bn: nn.BatchNorm2d, *, detach: bool = True) -> tuple[Tensor, Tensor]:
     """Inference BatchNorm as one scale and shift per channel: ``alpha = gamma / sqrt(var +
-    eps)``, ``beta = beta_bn - mean * alpha``."""
+    eps)``, ``beta = beta_bn - mean * alpha`` (``detach=False`` keeps their gradients)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm without running statistics cannot be folded")
     alpha = torch.rsqrt(bn.running_var + bn.eps)
@@ -33,7 +33,9 @@ def fold_batch_norm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     beta = -bn.running_mean * alpha
     if bn.bias is not None:
         beta = beta + bn.bias
-    return alpha.detach(), beta.detach()
+    if detach:
+        return alpha.detach(), beta.detach()
+    return alpha, beta
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -44,7 +46,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         if self.training or self.running_mean is None:
             return super().forward(input)
-        alpha, beta = fold_batch_norm(self)
+        alpha, beta = fold_batch_norm(self, detach=False)  # frozen statistics, trainable affine
         return affine_channels(input, alpha, beta)
 
 
@@ -53,10 +55,6 @@ class FoldedBatchNorm2d(nn.Module):
 
     alpha: Tensor
     beta: Tensor
-    output_scale = 1.0
-    """A power of two that inference (evaluation, no gradients) multiplies the output by, for a
-    consumer that reads it pre-scaled (see ``QuantConv2d.input_prescaled``); exact, because
-    scaling by a power of two commutes with every floating-point rounding."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -71,9 +69,10 @@ class FoldedBatchNorm2d(nn.Module):
         folded.beta.copy_(beta)
         return folded.to(alpha.device)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.output_scale != 1.0 and not self.training and not torch.is_grad_enabled():
-            scale = self.output_scale
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """``x * alpha + beta``, times ``scale`` (a power of two: exact, because scaling by a
+        power of two commutes with every floating-point rounding)."""
+        if scale != 1.0:
             return affine_channels(x, self.alpha * scale, self.beta * scale)
         return affine_channels(x, self.alpha, self.beta)
 
@@ -96,6 +95,28 @@ class ConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.dropout(self.bn1(F.relu(self.conv1(x))))
         out: Tensor = self.dropout(self.bn2(F.relu(self.conv2(x))))
+        return out
+
+    @torch.no_grad()
+    def fast_forward(self, x: Tensor, overwrite_input: bool) -> Tensor:
+        """Inference of a packed block (folded BatchNorm): the outputs of :meth:`forward` in
+        evaluation mode, with fewer passes over memory. Intermediate tensors are quantized in
+        place, and the first BatchNorm applies the second convolution's power-of-two input
+        scale. ``overwrite_input``: ``x`` is a tensor nothing else reads (a pooling or
+        concatenation output) and may be quantized in place too."""
+        conv1, conv2 = self.conv1, self.conv2
+        if isinstance(conv1, QuantConv2d) and overwrite_input:
+            x = conv1.forward_overwriting_input(x)
+        else:
+            x = conv1(x)
+        x = F.relu(x)
+        if isinstance(conv2, QuantConv2d):
+            scale = conv2.input_scale() if isinstance(self.bn1, FoldedBatchNorm2d) else 1.0
+            x = self.bn1(x, scale) if scale != 1.0 else self.bn1(x)
+            x = conv2.forward_overwriting_input(x, scale)
+        else:
+            x = conv2(self.bn1(x))
+        out: Tensor = self.bn2(F.relu(x))
         return out
 
 
@@ -126,37 +147,51 @@ class UNet(nn.Module):
         assert isinstance(block, ConvBlock)
         return block
 
+    fast_inference = False
+    """Set on packed (deployment) networks: inference (evaluation, no gradients) runs every
+    block's :meth:`ConvBlock.fast_forward` (same outputs, fewer passes over memory)."""
+
+    def _run_block(self, name: str, x: Tensor, fast: bool, fresh: bool = True) -> Tensor:
+        block = self._block(name)
+        return block.fast_forward(x, overwrite_input=fresh) if fast else block(x)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         height, width = x.shape[-2:]
+        fast = self.fast_inference and not self.training and not torch.is_grad_enabled()
         x = _pad_to_multiple(x, self.config.size_multiple)
         skips = []
         for level in range(1, self.config.depth + 1):
-            x = self._block(f"enc{level}")(x)
+            x = self._run_block(f"enc{level}", x, fast, fresh=level > 1)  # enc1: the caller's
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        x = self.bottleneck(x)
+        x = self._run_block("bottleneck", x, fast)
         for level in range(self.config.depth, 0, -1):
             skip = skips[level - 1]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = self._block(f"dec{level}")(torch.cat([x, skip], dim=1))
+            x = self._run_block(f"dec{level}", torch.cat([x, skip], dim=1), fast)
         logits: Tensor = self.head(x)
         return logits[..., :height, :width]
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(
-                f"UNet expects a batch shaped (N, C, H, W), got shape {tuple(x.shape)}; "
-                f"add batch and channel axes, e.g. image[None, None]"
-            )
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"UNet was built for {self.config.in_channels} input channel(s) but the input "
-                f"has {x.shape[1]} (shape {tuple(x.shape)}); convert the image or build the "
-                f"model with UNetConfig(in_channels={x.shape[1]})"
-            )
-        if x.shape[-1] < 1 or x.shape[-2] < 1:
-            raise ValueError(f"UNet got an empty image of shape {tuple(x.shape)}")
+        check_input(x, self.config)
+
+
+def check_input(x: Tensor, config: UNetConfig) -> None:
+    """Raise ``ValueError`` (saying the fix) unless ``x`` is a batch the U-Net can take."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"UNet expects a batch shaped (N, C, H, W), got shape {tuple(x.shape)}; "
+            f"add batch and channel axes, e.g. image[None, None]"
+        )
+    if x.shape[1] != config.in_channels:
+        raise ValueError(
+            f"UNet was built for {config.in_channels} input channel(s) but the input "
+            f"has {x.shape[1]} (shape {tuple(x.shape)}); convert the image or build the "
+            f"model with UNetConfig(in_channels={x.shape[1]})"
+        )
+    if x.shape[-1] < 1 or x.shape[-2] < 1:
+        raise ValueError(f"UNet got an empty image of shape {tuple(x.shape)}")
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:

@@ -62,33 +62,41 @@ class QuantConv2d(nn.Conv2d):
         weight: Tensor = self.weight_quantizer(self.weight)
         return weight
 
-    overwrite_input = False
-    """Inference may quantize the input tensor in place (set by models whose convolutions
-    receive intermediate tensors no one else reads, such as packed U-Nets)."""
-    input_prescaled = False
-    """With ``overwrite_input``: inference receives fixed-point inputs already multiplied by
-    ``2**frac_bits`` (by the BatchNorm before it, ``FoldedBatchNorm2d.output_scale``)."""
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.overwrite_input and not self.training and not torch.is_grad_enabled():
-            return self._forward_inplace(x)
         inputs: Tensor = self.input_quantizer(x)
         out: Tensor = self._conv_forward(inputs, self.quantized_weight(), self.bias)
         return out
 
-    def _forward_inplace(self, x: Tensor) -> Tensor:
-        """The same outputs as ``forward`` without a quantized copy of the input: fixed-point
-        inputs become integer codes in place and the power-of-two step moves onto the
-        weights (``conv(c * 2**-f, w) == conv(c, w * 2**-f)`` exactly in floating point)."""
+    @torch.no_grad()
+    def forward_overwriting_input(self, x: Tensor, input_scale: float = 1.0) -> Tensor:
+        """Inference only: the outputs of ``forward(x / input_scale)``, quantizing ``x`` in
+        its own memory (``x`` is destroyed: pass only tensors nothing else reads).
+
+        Fixed-point inputs (frozen format) become integer codes and their power-of-two step
+        moves onto the weights (``conv(c * 2**-f, w) == conv(c, w * 2**-f)`` exactly in
+        floating point); ``input_scale == 2**f`` says ``x`` already holds the values times
+        ``2**f`` (the BatchNorm before applied it). Other quantizers: the same arithmetic as
+        their forward pass, in place (``input_scale`` must be 1).
+        """
         quantizer = self.input_quantizer
         weight = self.quantized_weight()
         if isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen:
-            codes = quantizer.codes_(x, prescaled=self.input_prescaled)
+            codes = quantizer.codes_(x, prescaled=input_scale != 1.0)
             scaled = weight * 2.0 ** -int(quantizer.frac_bits)
             out: Tensor = self._conv_forward(codes, scaled, self.bias)
             return out
+        if input_scale != 1.0:
+            raise ValueError("only frozen fixed-point inputs can arrive pre-scaled")
         result: Tensor = self._conv_forward(quantizer.quantize_(x), weight, self.bias)
         return result
+
+    def input_scale(self) -> float:
+        """The power of two a producer may pre-multiply this layer's input by for
+        :meth:`forward_overwriting_input` (``2**frac_bits`` for frozen fixed point), else 1."""
+        quantizer = self.input_quantizer
+        if isinstance(quantizer, FixedPointQuantizer) and quantizer.frozen:
+            return 2.0 ** int(quantizer.frac_bits)
+        return 1.0
 
 
 def conv_names(model: nn.Module) -> list[str]:
