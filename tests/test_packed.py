@@ -119,15 +119,18 @@ def test_fp32_reference_is_the_float_state_dict_file(tmp_path: Path) -> None:
     assert fp32_state_dict_bytes(UNET) == path.stat().st_size
 
 
-def test_damaged_packed_files_are_refused_with_the_reason(tmp_path: Path) -> None:
-    bundle = _trained(QuantConfig.from_label("W4A6"))
-    path = tmp_path / "p.safetensors"
-    save_model(path, bundle, packed=True)
-    tensors = load_file(str(path))
+def _packed_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A packed W4A6 file at ``path``: its tensors and its metadata, for editing."""
     from safetensors import safe_open
 
+    save_model(path, _trained(QuantConfig.from_label("W4A6")), packed=True)
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata())
+    return load_file(str(path)), metadata
+
+
+def test_damaged_packed_files_are_refused_with_the_reason(tmp_path: Path) -> None:
+    tensors, metadata = _packed_file(tmp_path / "p.safetensors")
     truncated = dict(tensors)
     truncated["enc2.conv1.weight.codes"] = truncated["enc2.conv1.weight.codes"][:-1]
     save_file(truncated, str(tmp_path / "short.safetensors"), metadata=metadata)
@@ -139,7 +142,7 @@ def test_damaged_packed_files_are_refused_with_the_reason(tmp_path: Path) -> Non
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=edited)
     with pytest.raises(ValueError, match="do not match"):
         load_model(tmp_path / "edited.safetensors")
-    assert read_metadata(path)["layout"] == "packed"
+    assert read_metadata(tmp_path / "p.safetensors")["layout"] == "packed"
 
 
 def test_a_packed_model_cannot_be_saved_unpacked(tmp_path: Path) -> None:
@@ -167,14 +170,7 @@ def test_submodules_of_a_packed_model_keep_their_plain_meaning(tmp_path: Path) -
 
 
 def test_damaged_packing_metadata_is_a_clear_error(tmp_path: Path) -> None:
-    bundle = _trained(QuantConfig.from_label("W4A6"))
-    path = tmp_path / "p.safetensors"
-    save_model(path, bundle, packed=True)
-    tensors = load_file(str(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata())
+    tensors, metadata = _packed_file(tmp_path / "p.safetensors")
     edits = {
         "no offset": lambda layers: layers["enc2.conv1"].pop("offset"),
         "null layer": lambda layers: layers.update({"enc2.conv1": None}),
