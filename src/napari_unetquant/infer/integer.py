@@ -361,10 +361,10 @@ class IntegerConv:
                     (stride[1], stride[2], stride[1], stride[2], stride[3]),
                 )
                 pixels = count * width
-                columns = _scratch("columns", pixels * 9 * channels, torch.int8)
-                columns.view(view.shape).copy_(view)  # im2col into a reused buffer
-                acc = _scratch("acc", pixels * out_channels, torch.int32).view(pixels, -1)
-                torch._int_mm(columns.view(pixels, -1), self.matrix, out=acc)
+                columns = buffers("im2col", (pixels, 9 * channels), torch.int8)
+                columns.view(view.shape).copy_(view)  # im2col of this chunk
+                acc = buffers("accumulators", (pixels, out_channels), torch.int32)
+                torch._int_mm(columns, self.matrix, out=acc)
                 for consumer, requant in requants.items():
                     target = results[consumer][n, top : top + count].view(-1, out_channels)
                     if requant is None:
@@ -372,8 +372,8 @@ class IntegerConv:
                     elif target.dtype == torch.float64:
                         requant(acc, out=target)
                     else:
-                        codes = _scratch("codes", acc.numel(), torch.float64).view(acc.shape)
-                        target.copy_(requant(acc, out=codes))
+                        values = buffers("requantized", tuple(acc.shape), torch.float64)
+                        target.copy_(requant(acc, out=values))
         wrapped: dict[str, Tensor | Codes] = {}
         for consumer, fmt, extra in outputs:
             value = results[consumer]
@@ -389,21 +389,6 @@ class IntegerConv:
         if self.bn is None:
             return z
         return torch.relu_(z).mul_(self.alpha).add_(self.beta)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
-    """A reused flat buffer of at least ``numel`` values (per thread): large fresh allocations
-    cost page faults on every chunk, reused ones stay mapped and in cache."""
-    buffers: dict[str, Tensor] = getattr(_SCRATCH, "buffers", None) or {}
-    _SCRATCH.buffers = buffers
-    buffer = buffers.get(name)
-    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-        buffer = torch.empty(numel, dtype=dtype)
-        buffers[name] = buffer
-    return buffer[:numel]
 
 
 def upsample_codes(
