@@ -14,6 +14,7 @@ from napari_unetquant.config import QuantConfig, UNetConfig
 from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm2d, build_unet
 from napari_unetquant.modelio import SegmentationModel, load_model, read_metadata, save_model
 from napari_unetquant.packed import file_report, fp32_state_dict_bytes, safetensors_layout
+from napari_unetquant.quant import bit_report
 from napari_unetquant.quant.packing import packed_size
 
 UNET = UNetConfig(base_width=4, depth=2)
@@ -57,6 +58,8 @@ def test_packed_file_runs_exactly_like_the_model_it_came_from(label: str, tmp_pa
         assert torch.equal(loaded.model(x), expected)
         assert torch.equal(loaded.model(x), expected)  # in-place paths leave no trace
     assert torch.equal(x, original)  # the caller's input is never overwritten
+    # the same stored bits per convolution (BatchNorm is smaller once folded)
+    assert bit_report(loaded.model).layers == bit_report(bundle.model).layers
     # re-packing a loaded packed model writes the same codes
     again = tmp_path / "again.safetensors"
     save_model(again, loaded, packed=True)

@@ -24,6 +24,7 @@ from .infer.predict import segment_volume
 from .metrics import SegmentationScores, segmentation_scores
 from .model import build_unet
 from .modelio import SegmentationModel, load_model, save_model
+from .packed import LAYOUT_STATE_DICT
 from .train import (
     Event,
     LabelledVolume,
@@ -83,7 +84,7 @@ def _initial_model(job: TrainJob) -> _Start:
         unet = job.unet or UNetConfig()
         return _Start(build_unet(unet, job.quant), unet, None, job.foreground_value)
     source = load_model(job.init)
-    if source.layout != "state_dict":
+    if source.layout != LAYOUT_STATE_DICT:
         raise ValueError(
             f"{job.init} is a packed model file (for deployment: codes, folded BatchNorm); "
             f"fine-tune from the model file that training wrote"

@@ -57,11 +57,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if _packable(module):
             assert isinstance(module, QuantConv2d)
             quantizer = module.weight_quantizer
-            codes = (
-                quantizer.codes
-                if isinstance(quantizer, FrozenWeight)
-                else weight_codes(quantizer, module.weight)
-            )
+            codes = weight_codes(quantizer, module.weight)
             tensors[f"{name}.weight.codes"] = pack_codes(codes.codes - codes.offset, codes.bits)
             if codes.frac_bits is None:
                 tensors[f"{name}.weight.scale"] = codes.scale

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.io import atomic_path
-from ..quant.codes import FrozenWeight, weight_codes
+from ..quant.codes import weight_codes
 from .integer import UPSAMPLE_EXTRA_BITS, ActFormat, IntegerUNet
 
 INTEGER_FORMAT = "napari-unetquant-integer"
@@ -53,11 +53,7 @@ def integer_network(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
         tensors[f"{name}.bias"] = conv.bias
         if conv.integer:
             quantizer = layer.weight_quantizer
-            codes = (
-                quantizer.codes
-                if isinstance(quantizer, FrozenWeight)
-                else weight_codes(quantizer, layer.weight)
-            )
+            codes = weight_codes(quantizer, layer.weight)
             tensors[f"{name}.weight"] = codes.codes.permute(0, 2, 3, 1).to(torch.int8)
             tensors[f"{name}.accumulator_scale"] = conv.scale
             entry["weight_bits"] = codes.bits

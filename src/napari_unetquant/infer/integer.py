@@ -40,7 +40,7 @@ from ..model.unet import (
     check_input,
     fold_batch_norm,
 )
-from ..quant.codes import FrozenWeight, weight_codes
+from ..quant.codes import weight_codes
 from ..quant.layers import QuantConv2d
 from ..quant.quantizers import FixedPointQuantizer, LSQQuantizer, Quantizer
 
@@ -79,10 +79,7 @@ class ActFormat:
             step = torch.tensor(2.0**-frac)
             return cls(2.0**-frac, -top if config.signed else 0, top, frac, step)
         if isinstance(quantizer, LSQQuantizer):
-            step = quantizer.step.detach().abs().clamp_min(1e-8).reshape(())
-            if config.power_of_two:
-                step = torch.pow(2.0, torch.round(torch.log2(step)))
-            step = step.float().cpu()
+            step = quantizer.effective_step().reshape(()).float().cpu()
             return cls(float(step), -quantizer.q_negative, quantizer.q_positive, None, step)
         raise ValueError(
             f"{where}: integer inference supports fixed-point and learned-step activations, not "
@@ -257,11 +254,7 @@ class IntegerConv:
     def _prepare_integer(self) -> None:
         assert self.input_format is not None
         quantizer = self.layer.weight_quantizer
-        codes = (
-            quantizer.codes
-            if isinstance(quantizer, FrozenWeight)
-            else weight_codes(quantizer, self.layer.weight)
-        )
+        codes = weight_codes(quantizer, self.layer.weight)
         weight = codes.codes  # (C_out, C_in, 3, 3)
         if (
             int(weight.min()) < -128

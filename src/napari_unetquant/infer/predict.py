@@ -97,10 +97,10 @@ def integer_network(model: nn.Module) -> IntegerUNet:
     """``IntegerUNet(model)``, built once per model and rebuilt when its parameters change
     (optimizer steps and other in-place updates bump a tensor's version counter; quantizer
     buffers are left out: evaluation rewrites them with the same values)."""
+    versions = _parameter_versions(model)
     cached = _INTEGER_NETWORKS.get(model)
-    if cached is None or cached[0] != _parameter_versions(model):
-        network = IntegerUNet(model)
-        cached = (_parameter_versions(model), network)
+    if cached is None or cached[0] != versions:
+        cached = (versions, IntegerUNet(model))
         _INTEGER_NETWORKS[model] = cached
     return cached[1]
 

@@ -46,10 +46,13 @@ class WeightCodes:
 
 @torch.no_grad()
 def weight_codes(quantizer: Quantizer, weight: Tensor) -> WeightCodes:
-    """The integer codes and per-channel scales that ``quantizer`` maps ``weight`` to.
+    """The integer codes and per-channel scales that ``quantizer`` maps ``weight`` to (for a
+    :class:`FrozenWeight`, the codes it was loaded from).
 
     Raises ``ValueError`` for a full-precision quantizer (nothing to pack).
     """
+    if isinstance(quantizer, FrozenWeight):
+        return quantizer.codes
     weight = weight.detach().float()
     channels = weight.shape[0]
     per_channel = (-1,) + (1,) * (weight.dim() - 1)
@@ -63,10 +66,8 @@ def weight_codes(quantizer: Quantizer, weight: Tensor) -> WeightCodes:
         scale = torch.full((channels,), 2.0**-frac)
         return _codes(codes, scale, config, frac)
     if isinstance(quantizer, LSQQuantizer):
-        step = quantizer.step.detach().abs().clamp_min(1e-8)
-        if config.power_of_two:
-            step = torch.pow(2.0, torch.round(torch.log2(step)))
-        step = step.float().expand(channels) if step.numel() == 1 else step.float()
+        step = quantizer.effective_step().float()
+        step = step.expand(channels) if step.numel() == 1 else step
         codes = (weight / step.reshape(per_channel)).clamp_(
             -quantizer.q_negative, quantizer.q_positive
         )

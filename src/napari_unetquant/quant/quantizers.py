@@ -182,13 +182,18 @@ class LSQQuantizer(Quantizer):
             x, self._broadcast(step, x), self.q_negative, self.q_positive, self._grad_scale(x)
         )
 
-    def quantize_(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
-            return super().quantize_(x)
+    @torch.no_grad()
+    def effective_step(self) -> Tensor:
+        """The step(s) ``forward`` uses, without gradients: ``(channels,)`` or ``(1,)``."""
         step = self.step.detach().abs().clamp_min(1e-8)
         if self.config.power_of_two:
             step = torch.pow(2.0, torch.round(torch.log2(step)))
-        step = self._broadcast(step, x)
+        return step
+
+    def quantize_(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            return super().quantize_(x)
+        step = self._broadcast(self.effective_step(), x)
         return x.div_(step).clamp_(-self.q_negative, self.q_positive).round_().mul_(step)
 
     def _grad_scale(self, x: Tensor) -> float:

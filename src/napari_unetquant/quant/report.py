@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .layers import QuantConv2d
-from .quantizers import FixedPointQuantizer, Quantizer
+from .quantizers import Quantizer
 
 FLOAT_BITS = 32
 EXPONENT_BITS = 8
@@ -92,7 +92,8 @@ class BitReport:
 def _quantizer_bits(quantizer: Quantizer) -> int:
     if quantizer.config.is_float:
         return 0
-    per_scale = EXPONENT_BITS if isinstance(quantizer, FixedPointQuantizer) else FLOAT_BITS
+    # fixed point stores shift exponents (also once loaded from a packed file), others floats
+    per_scale = EXPONENT_BITS if quantizer.config.method == "fixed" else FLOAT_BITS
     return quantizer.scale_count * per_scale
 
 
