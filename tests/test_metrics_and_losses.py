@@ -50,6 +50,28 @@ def test_bce_dice_is_the_weighted_sum() -> None:
     assert bce_dice_loss(logits, target).item() == pytest.approx(expected.item())
 
 
+@pytest.mark.parametrize("classes", [1, 3])
+def test_volume_losses_pool_every_voxel(classes: int) -> None:
+    """On ``(N, C, D, H, W)`` the losses are those of the same voxels laid out as slices."""
+    logits = torch.randn(2, classes, 3, 5, 4)
+    if classes == 1:
+        target = (torch.rand(2, 1, 3, 5, 4) > 0.5).float()
+        flat_target = target.reshape(2, 1, 15, 4)
+    else:
+        target = torch.randint(0, classes, (2, 3, 5, 4))
+        flat_target = target.reshape(2, 15, 4)
+    flat_logits = logits.reshape(2, classes, 15, 4)
+    for loss in (soft_dice_loss, bce_dice_loss):
+        torch.testing.assert_close(loss(logits, target), loss(flat_logits, flat_target))
+    if classes == 1:  # confident and right everywhere: no loss
+        assert soft_dice_loss(target * 100 - 50, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logits_without_a_spatial_axis_are_an_error() -> None:
+    with pytest.raises(ValueError, match=r"logits must be \(N, C, \*spatial\)"):
+        soft_dice_loss(torch.zeros(4, 1), torch.zeros(4))
+
+
 def test_loss_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="does not match logits"):
         soft_dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 3))

@@ -106,3 +106,34 @@ def test_tensors_that_do_not_fit_the_configuration(tmp_path: Path) -> None:
     save_file({"head.weight": torch.zeros(1)}, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="do not match the configured network"):
         load_model(path)
+
+
+def test_3d_model_files_round_trip_and_older_files_load_as_2d(tmp_path: Path) -> None:
+    unet = UNetConfig(base_width=2, depth=2, spatial_dims=3)
+    model = build_unet(unet, QuantConfig.from_bits(4, 6)).train()
+    model(torch.randn(2, 1, 6, 16, 16))
+    save_model(
+        tmp_path / "3d.safetensors",
+        SegmentationModel(model.eval(), unet, QuantConfig.from_bits(4, 6)),
+    )
+    loaded = load_model(tmp_path / "3d.safetensors")
+    assert loaded.unet.spatial_dims == 3
+    x = torch.randn(1, 1, 5, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    # files written before 3D U-Nets existed have no spatial_dims: they are 2D
+    save_model(tmp_path / "2d.safetensors", _bundle(QuantConfig()))
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(tmp_path / "2d.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    del config["unet"]["spatial_dims"]
+    old = tmp_path / "old.safetensors"
+    save_file(
+        load_file(str(tmp_path / "2d.safetensors")),
+        str(old),
+        metadata=dict(metadata, config=json.dumps(config)),
+    )
+    assert load_model(old).unet == UNetConfig(base_width=4, depth=2)

@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from napari_unetquant.config import QuantConfig, UNetConfig
-from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm2d, build_unet
+from napari_unetquant.model import (
+    BatchNorm2d,
+    BatchNorm3d,
+    FoldedBatchNorm,
+    FoldedBatchNorm2d,
+    build_unet,
+)
 from napari_unetquant.modelio import SegmentationModel, load_model, read_metadata, save_model
 from napari_unetquant.packed import file_report, fp32_state_dict_bytes, safetensors_layout
 from napari_unetquant.quant import bit_report
@@ -198,3 +204,81 @@ def test_batchnorm_with_frozen_statistics_still_trains_its_affine() -> None:
     bn(torch.randn(2, 3, 4, 4)).sum().backward()
     assert bn.weight.grad is not None and bn.bias.grad is not None
     assert float(bn.bias.grad.abs().sum()) > 0
+
+
+UNET_3D = UNetConfig(base_width=2, depth=2, spatial_dims=3)
+
+
+def _trained_3d(quant: QuantConfig) -> SegmentationModel:
+    """A 3D model after a few real optimisation steps (BatchNorm statistics, learned steps)."""
+    model = build_unet(UNET_3D, quant).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(torch.randn(2, 1, 8, 16, 16)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return SegmentationModel(model.eval(), UNET_3D, quant)
+
+
+@pytest.mark.parametrize("label", ["W4A6", "Q0.4/Q6.0", "W3A6-lsq", "W4A4-lsq", "ternary", "FP"])
+def test_packed_3d_file_runs_exactly_like_the_model_it_came_from(
+    label: str, tmp_path: Path
+) -> None:
+    bundle = _trained_3d(QuantConfig.from_label(label))
+    path = tmp_path / "packed3d.safetensors"
+    save_model(path, bundle, packed=True)
+    loaded = load_model(path)
+    assert loaded.layout == "packed" and loaded.unet == UNET_3D
+    assert loaded.model.fast_inference  # the in-place block path runs below
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in loaded.model.modules())
+    assert any(isinstance(m, FoldedBatchNorm) for m in loaded.model.modules())
+    x = torch.randn(2, 1, 7, 19, 13)
+    original = x.clone()
+    with torch.no_grad():
+        expected = bundle.model(x)
+        assert torch.equal(loaded.model(x), expected)
+        assert torch.equal(loaded.model(x), expected)
+    assert torch.equal(x, original)
+    assert bit_report(loaded.model).layers == bit_report(bundle.model).layers
+    again = tmp_path / "again.safetensors"
+    save_model(again, loaded, packed=True)
+    first, second = load_file(str(path)), load_file(str(again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_3d_codes_take_exactly_their_bits_and_the_report_counts_them(tmp_path: Path) -> None:
+    quant = dataclasses.replace(QuantConfig.from_label("W3A5"), edge_layers=())
+    bundle = _trained_3d(quant)
+    path = tmp_path / "w3.safetensors"
+    save_model(path, bundle, packed=True)
+    _, sizes = safetensors_layout(path)
+    report = bit_report(bundle.model)
+    rows = {layer.name: layer for layer in report.layers}
+    for name, module in bundle.model.named_modules():
+        if isinstance(module, torch.nn.Conv3d):
+            assert module.weight.shape[2:] == (3, 3, 3)
+            assert sizes[f"{name}.weight.codes"] == packed_size(module.weight.numel(), 3)
+            assert rows[name].weights == module.weight.numel()
+            assert rows[name].weight_bits == 3
+        if isinstance(module, BatchNorm3d):
+            assert sizes[f"{name}.alpha"] == 4 * module.num_features
+    on_disk = file_report(path, load_model(path).model, UNET_3D)
+    assert on_disk.file_bytes == path.stat().st_size
+    assert sum(row.bytes for row in on_disk.layers) * 3 < sum(r.fp32_bytes for r in on_disk.layers)
+    assert on_disk.fp32_file_bytes == fp32_state_dict_bytes(UNET_3D)
+
+
+def test_3d_batchnorm_inference_is_the_folded_arithmetic() -> None:
+    bn = BatchNorm3d(4).train()
+    bn(torch.randn(3, 4, 5, 6, 6) * 2 - 1)
+    bn.eval()
+    x = torch.randn(2, 4, 3, 7, 5)
+    reference = torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+    )
+    torch.testing.assert_close(bn(x), reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(FoldedBatchNorm.from_batch_norm(bn)(x), bn(x))
+    bn(x).sum().backward()  # frozen statistics, trainable affine
+    assert bn.weight.grad is not None and float(bn.bias.grad.abs().sum()) > 0

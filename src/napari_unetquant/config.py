@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 FLOAT_BITS = 32
 METHODS = ("float", "fixed", "lsq", "ternary", "binary")
 DYNAMIC_RULES = ("max", "mse")
+SPATIAL_DIMS = (2, 3)
 _FORMAT_RE = re.compile(r"^Q(-?\d+)\.(-?\d+)$")
 _LABEL_RE = re.compile(r"^W(\d+)A(\d+)(?:-(fixed|lsq))?$", re.IGNORECASE)
 
@@ -294,12 +295,15 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The paper's 2D U-Net, sized by configuration.
+    """The paper's U-Net, sized by configuration.
 
     Encoder level ``k`` (1-based) has ``base_width * 2**(k-1)`` channels; ``depth`` is the number
     of pooling levels (the paper: 3, widths 64-128-256, bottleneck 256). The bottleneck keeps the
     deepest encoder width; each decoder level upsamples bilinearly, concatenates the skip and
     returns to that level's width. ``out_classes`` logits come from a final 3x3 convolution.
+    ``spatial_dims`` 2 (the paper's, and the default) takes slices ``(N, C, H, W)``; 3 takes
+    volumes ``(N, C, D, H, W)`` with 3x3x3 convolutions, pooling by 2 along every axis and
+    trilinear upsampling.
     """
 
     in_channels: int = 1
@@ -308,12 +312,18 @@ class UNetConfig:
     depth: int = 3
     dropout: float = 0.0
     bn_momentum: float = 0.1
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_classes", "base_width", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if type(self.spatial_dims) is not int or self.spatial_dims not in SPATIAL_DIMS:
+            raise ValueError(
+                f"UNetConfig.spatial_dims must be 2 (slices) or 3 (volumes), got "
+                f"{self.spatial_dims!r}; use spatial_dims=2 for the paper's 2D U-Net"
+            )
         if self.depth > 6:
             raise ValueError(f"UNetConfig.depth={self.depth} is too deep; use 1 to 6 levels")
         if not 0.0 <= self.dropout < 1.0:
@@ -328,7 +338,7 @@ class UNetConfig:
 
     @property
     def size_multiple(self) -> int:
-        """Input height and width are padded up to a multiple of this."""
+        """Input height and width (and depth, in 3D) are padded up to a multiple of this."""
         return int(2**self.depth)
 
     @classmethod
@@ -381,6 +391,9 @@ class TrainConfig:
     model; ``augment`` turns on flips, 90° turns, small affine and intensity changes, ``elastic``
     adds elastic deformation; ``foreground_oversample`` of the crops are centred on a random
     foreground pixel (small structures such as grey matter); ``device``: auto, cpu, cuda, mps.
+    A 3D U-Net trains on ``(crop_depth, crop, crop)`` patches of whole volumes instead (slices
+    mirrored where a volume is thinner), with flips, 90° turns, small in-plane affine and
+    intensity changes (no elastic deformation).
     """
 
     steps: int = 2000
@@ -394,9 +407,10 @@ class TrainConfig:
     foreground_oversample: float = 0.33
     seed: int = 0
     device: str = "auto"
+    crop_depth: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "crop", "validate_every"):
+        for name in ("steps", "batch_size", "crop", "validate_every", "crop_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")

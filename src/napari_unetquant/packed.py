@@ -3,7 +3,8 @@
 The packed layout stores, for every convolution with quantized weights ``L``:
 
 - ``L.weight.codes``: ``uint8``, the codes packed at ``bits`` bits each (see
-  :mod:`napari_unetquant.quant.packing`), C order over ``(C_out, C_in, kH, kW)``;
+  :mod:`napari_unetquant.quant.packing`), C order over ``(C_out, C_in, kH, kW)`` (3D U-Nets:
+  ``(C_out, C_in, kD, kH, kW)``);
 - ``L.weight.scale``: ``float32 (C_out,)`` per-channel scales, except for fixed-point weights,
   whose one shift ``frac_bits`` is in the metadata (``scale = 2**-frac_bits``);
 - ``L.bias`` and the input quantizer's state (fixed-point shift, learned step) as they are.
@@ -25,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig, QuantizerConfig, UNetConfig
-from .model import FoldedBatchNorm2d, UNet, build_unet, fold_batch_norm
+from .model import BATCH_NORMS, FoldedBatchNorm, UNet, build_unet, fold_batch_norm
 from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
-from .quant.layers import QuantConv2d
+from .quant.layers import QuantConvNd
 from .quant.packing import pack_codes, unpack_codes
 from .quant.quantizers import FixedPointQuantizer, RunningStat
 
@@ -35,14 +36,14 @@ LAYOUT_STATE_DICT = "state_dict"
 LAYOUT_PACKED = "packed"
 
 
-def _running_peak(layer: QuantConv2d) -> RunningStat | None:
+def _running_peak(layer: QuantConvNd) -> RunningStat | None:
     """The running peak of a dynamic fixed-point input quantizer (frozen once trained)."""
     quantizer = layer.input_quantizer
     return quantizer.peak if isinstance(quantizer, FixedPointQuantizer) else None
 
 
 def _packable(module: nn.Module) -> bool:
-    return isinstance(module, QuantConv2d) and not module.weight_quantizer.config.is_float
+    return isinstance(module, QuantConvNd) and not module.weight_quantizer.config.is_float
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     consumed: set[str] = set()
     for name, module in model.named_modules():
         if _packable(module):
-            assert isinstance(module, QuantConv2d)
+            assert isinstance(module, QuantConvNd)
             quantizer = module.weight_quantizer
             codes = weight_codes(quantizer, module.weight)
             tensors[f"{name}.weight.codes"] = pack_codes(codes.codes - codes.offset, codes.bits)
@@ -71,11 +72,11 @@ def pack_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             }
             consumed.add(f"{name}.weight")
             consumed.update(k for k in state if k.startswith(f"{name}.weight_quantizer."))
-        peak = _running_peak(module) if isinstance(module, QuantConv2d) else None
+        peak = _running_peak(module) if isinstance(module, QuantConvNd) else None
         if peak is not None and bool(peak.initialized):
             # the frozen format (frac_bits) is kept; the running peak that chose it is not
             consumed.update(k for k in state if k.startswith(f"{name}.input_quantizer.peak."))
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, BATCH_NORMS):
             alpha, beta = fold_batch_norm(module)
             tensors[f"{name}.alpha"], tensors[f"{name}.beta"] = alpha, beta
             consumed.update(k for k in state if k.startswith(f"{name}."))
@@ -112,7 +113,7 @@ def packed_network(
         )
     for name, info in layers.items():
         layer = model.get_submodule(name)
-        assert isinstance(layer, QuantConv2d)
+        assert isinstance(layer, QuantConvNd)
         original = layer.weight_quantizer
         try:
             codes = _read_codes(name, info, tensors, tuple(layer.weight.shape), original.config)
@@ -124,20 +125,20 @@ def packed_network(
         layer.weight_quantizer = FrozenWeight(original.config, codes, original.scale_count)
         tensors[f"{name}.weight"] = dequantize(codes)
     for name, module in model.named_modules():
-        peak = _running_peak(module) if isinstance(module, QuantConv2d) else None
+        peak = _running_peak(module) if isinstance(module, QuantConvNd) else None
         missing = f"{name}.input_quantizer.peak.value" not in tensors
         if peak is not None and missing and f"{name}.input_quantizer.frac_bits" in tensors:
-            assert isinstance(module, QuantConv2d)
+            assert isinstance(module, QuantConvNd)
             assert isinstance(module.input_quantizer, FixedPointQuantizer)
             frac = int(tensors[f"{name}.input_quantizer.frac_bits"])
             top = 2**module.input_quantizer.magnitude_bits - 1  # the peak the format covers
             tensors[f"{name}.input_quantizer.peak.value"] = torch.tensor(top * 2.0**-frac)
             tensors[f"{name}.input_quantizer.peak.initialized"] = torch.tensor(True)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, BATCH_NORMS):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FoldedBatchNorm2d(module.num_features))
+            setattr(parent, child, FoldedBatchNorm(module.num_features))
     load_exactly(model, tensors)
     model.eval()
     _fast_inference(model)
@@ -257,7 +258,7 @@ def file_report(path: str | Path, model: nn.Module, unet: UNetConfig) -> FileRep
     fp32 = build_unet(unet).state_dict()
     rows = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, QuantConv2d):
+        if not isinstance(layer, QuantConvNd):
             continue
         groups = [f"{name}."]
         block, _, conv = name.rpartition(".")

@@ -164,6 +164,14 @@ def test_unsupported_models_are_refused_with_the_fix() -> None:
         IntegerUNet(build_unet(UNetConfig(base_width=4, depth=2), wide).eval())
 
 
+def test_3d_models_are_refused_up_front_with_the_fix() -> None:
+    unet = UNetConfig(base_width=2, depth=2, spatial_dims=3)
+    model = build_unet(unet, QuantConfig.from_label("W4A6")).eval()
+    message = r"^integer inference runs 2D U-Nets only; this model is 3D: drop --integer"
+    with pytest.raises(ValueError, match=message):
+        IntegerUNet(model)
+
+
 def test_input_of_any_size_is_padded_and_cropped_like_the_model() -> None:
     """One network, reused across sizes and batches: its kept buffers never leak stale
     values (padding borders, larger earlier activations)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from napari_unetquant.config import QuantizerConfig
-from napari_unetquant.quant import QuantConv2d
+from napari_unetquant.quant import QuantConv2d, QuantConv3d
 from napari_unetquant.quant.codes import dequantize, weight_codes
 from napari_unetquant.quant.packing import code_range
 
@@ -46,3 +46,18 @@ def test_float_weights_have_no_codes() -> None:
     layer = QuantConv2d(2, 2, 3)
     with pytest.raises(ValueError, match="no codes"):
         weight_codes(layer.weight_quantizer, layer.weight)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_3d_weight_codes_have_one_scale_per_output_channel(config: QuantizerConfig) -> None:
+    layer = QuantConv3d(3, 5, 3, padding=1, weight_quant=config)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.2, 6.0, 5).reshape(-1, 1, 1, 1, 1))
+    layer.weight_quantizer(layer.weight)
+    codes = weight_codes(layer.weight_quantizer, layer.weight)
+    assert codes.shape == (5, 3, 3, 3, 3) and codes.scale.shape == (5,)
+    weight = layer.quantized_weight().detach()
+    assert torch.equal(dequantize(codes), weight)
+    for channel, scale in zip(weight, codes.scale, strict=True):  # each on its own grid
+        assert len(torch.unique(channel)) <= 2**config.bits
+        torch.testing.assert_close(channel / scale, (channel / scale).round())

@@ -425,7 +425,8 @@ class IntegerUNet:
     """A quantization-aware or packed :class:`~napari_unetquant.model.UNet` run on integers.
 
     ``IntegerUNet(model)(x)`` takes the same input as ``model`` (``(N, 1, H, W)`` float32) and
-    returns float32 logits; quantized layers compute on integer codes. CPU only: building it
+    returns float32 logits; quantized layers compute on integer codes. 2D U-Nets only (a 3D one
+    is refused when building). CPU only: building it
     puts ``model`` in evaluation mode on the CPU, and it reads ``model``'s layers as they are
     then (rebuild it after changing them; ``infer.predict.integer_network`` does).
 
@@ -436,6 +437,12 @@ class IntegerUNet:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, UNet):
             raise ValueError("integer inference runs the napari-unetquant U-Net only")
+        if model.config.spatial_dims != 2:
+            dims = model.config.spatial_dims
+            raise ValueError(
+                f"integer inference runs 2D U-Nets only; this model is {dims}D: drop --integer "
+                f"(the float simulation runs it)"
+            )
         model = model.eval().cpu()  # an inference wrapper: the model stays in evaluation mode
         self.config = model.config  # no reference to the model itself (caches key on it)
         self.convs: dict[str, IntegerConv] = {}

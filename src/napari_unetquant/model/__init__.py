@@ -1,9 +1,13 @@
 """The U-Net and its building blocks."""
 
 from .unet import (
+    BATCH_NORMS,
     BatchNorm2d,
+    BatchNorm3d,
     ConvBlock,
+    FoldedBatchNorm,
     FoldedBatchNorm2d,
+    FoldedInferenceBatchNorm,
     UNet,
     affine_channels,
     build_unet,
@@ -11,9 +15,13 @@ from .unet import (
 )
 
 __all__ = [
+    "BATCH_NORMS",
     "BatchNorm2d",
+    "BatchNorm3d",
     "ConvBlock",
+    "FoldedBatchNorm",
     "FoldedBatchNorm2d",
+    "FoldedInferenceBatchNorm",
     "UNet",
     "affine_channels",
     "build_unet",

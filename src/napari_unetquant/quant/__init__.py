@@ -1,6 +1,14 @@
 """Quantization: primitives (``functional``), quantizer modules, quantized layers, bit reports."""
 
-from .layers import QuantConv2d, conv_names, prepare, quantized_layers, resolve_layer_configs
+from .layers import (
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvNd,
+    conv_names,
+    prepare,
+    quantized_layers,
+    resolve_layer_configs,
+)
 from .quantizers import (
     BinaryQuantizer,
     FixedPointQuantizer,
@@ -20,6 +28,8 @@ __all__ = [
     "LSQQuantizer",
     "LayerBits",
     "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvNd",
     "Quantizer",
     "TernaryQuantizer",
     "bit_report",

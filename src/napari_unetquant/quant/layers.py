@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..config import FLOAT, QuantConfig, QuantizerConfig
 from .quantizers import FixedPointQuantizer, Quantizer, build_quantizer
 
+_Layer = TypeVar("_Layer", bound="QuantConvNd")
 
-class QuantConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` that fake-quantizes its input activations and its weights.
 
-    Input ``(N, C_in, H, W)`` float32 -> output ``(N, C_out, H', W')`` float32, computed with the
-    quantized input and weight (the bias stays float, as in the paper). With both configs at
-    full precision it computes exactly what ``nn.Conv2d`` computes.
+class QuantConvNd(_ConvNd):
+    """What :class:`QuantConv2d` and :class:`QuantConv3d` share: a convolution that
+    fake-quantizes its input activations and its weights.
+
+    Input ``(N, C_in, *spatial)`` float32 -> output ``(N, C_out, *spatial')`` float32, computed
+    with the quantized input and weight (the bias stays float, as in the paper). With both
+    configs at full precision it computes exactly what the plain convolution computes. Weight
+    scales are per output channel, over all other axes. Use it in ``isinstance`` checks that
+    mean "any quantized convolution".
     """
 
     def __init__(
@@ -34,8 +41,11 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, weight_quant: QuantizerConfig, act_quant: QuantizerConfig
-    ) -> QuantConv2d:
+        cls: type[_Layer],
+        conv: _ConvNd,
+        weight_quant: QuantizerConfig,
+        act_quant: QuantizerConfig,
+    ) -> _Layer:
         """A quantized copy of ``conv`` (same geometry, weights and bias copied)."""
         layer = cls(
             conv.in_channels,
@@ -58,7 +68,7 @@ class QuantConv2d(nn.Conv2d):
         return layer
 
     def quantized_weight(self) -> Tensor:
-        """The weights as the layer uses them, ``(C_out, C_in, kH, kW)``, on the quantizer grid."""
+        """The weights as the layer uses them, ``(C_out, C_in, *kernel)``, on the quantizer grid."""
         weight: Tensor = self.weight_quantizer(self.weight)
         return weight
 
@@ -99,11 +109,35 @@ class QuantConv2d(nn.Conv2d):
         return 1.0
 
 
+class QuantConv2d(QuantConvNd, nn.Conv2d):
+    """An ``nn.Conv2d`` that fake-quantizes its input activations and its weights (see
+    :class:`QuantConvNd`): ``(N, C_in, H, W)`` -> ``(N, C_out, H', W')``."""
+
+
+class QuantConv3d(QuantConvNd, nn.Conv3d):
+    """An ``nn.Conv3d`` that fake-quantizes its input activations and its weights (see
+    :class:`QuantConvNd`): ``(N, C_in, D, H, W)`` -> ``(N, C_out, D', H', W')``."""
+
+
+CONVOLUTIONS: dict[type[nn.Module], type[QuantConvNd]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+}
+"""The quantized layer that replaces each kind of convolution."""
+
+
+def _quantized_class(conv: nn.Module) -> type[QuantConvNd]:
+    for plain, quantized in CONVOLUTIONS.items():
+        if isinstance(conv, plain):
+            return quantized
+    raise ValueError(f"{type(conv).__name__} is not a 2D or 3D convolution")
+
+
 def conv_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Conv2d`` in ``model`` (quantized or not), in order."""
-    return [
-        name for name, module in model.named_modules() if name and isinstance(module, nn.Conv2d)
-    ]
+    """Qualified names of every ``nn.Conv2d`` and ``nn.Conv3d`` in ``model`` (quantized or
+    not), in order."""
+    kinds = tuple(CONVOLUTIONS)
+    return [name for name, module in model.named_modules() if name and isinstance(module, kinds)]
 
 
 def resolve_layer_configs(
@@ -136,8 +170,9 @@ def _matching(pattern: str, names: list[str], what: str) -> list[str]:
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every ``nn.Conv2d`` of ``model`` (in place) by a :class:`QuantConv2d` configured
-    per layer from ``config``, keeping its trained weights; returns ``model``.
+    """Replace every ``nn.Conv2d`` (``nn.Conv3d``) of ``model`` (in place) by a
+    :class:`QuantConv2d` (:class:`QuantConv3d`) configured per layer from ``config``, keeping
+    its trained weights; returns ``model``.
 
     Already-quantized layers are re-quantized with the new settings (e.g. an FP-trained U-Net
     prepared for W4A6 fine-tuning); their previous quantizer state is dropped.
@@ -147,10 +182,11 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child_name)
-        setattr(parent, child_name, QuantConv2d.from_float(conv, weight_quant, act_quant))
+        layer = _quantized_class(conv).from_float(conv, weight_quant, act_quant)
+        setattr(parent, child_name, layer)
     return model
 
 
-def quantized_layers(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
-    """``(name, layer)`` for every :class:`QuantConv2d` in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv2d)]
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantConvNd]]:
+    """``(name, layer)`` for every quantized convolution (2D or 3D) in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConvNd)]

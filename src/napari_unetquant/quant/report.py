@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .layers import QuantConv2d
+from .layers import CONVOLUTIONS, QuantConvNd
 from .quantizers import Quantizer
 
 FLOAT_BITS = 32
@@ -97,7 +97,7 @@ def _quantizer_bits(quantizer: Quantizer) -> int:
     return quantizer.scale_count * per_scale
 
 
-def _layer_bits(name: str, layer: QuantConv2d) -> LayerBits:
+def _layer_bits(name: str, layer: QuantConvNd) -> LayerBits:
     weight_q, act_q = layer.weight_quantizer, layer.input_quantizer
     weights = layer.weight.numel()
     bias = _numel(layer.bias)
@@ -124,13 +124,14 @@ def bit_report(model: nn.Module) -> BitReport:
     inside: set[int] = set()
     conv_values = 0
     for name, module in model.named_modules():
-        if isinstance(module, QuantConv2d):
+        if isinstance(module, QuantConvNd):
             layers.append(_layer_bits(name, module))
             inside.update(id(t) for t in [*module.parameters(), *module.buffers()])
             conv_values += module.weight.numel() + _numel(module.bias)
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, tuple(CONVOLUTIONS)):
             raise ValueError(
-                f"layer {name!r} is a plain nn.Conv2d; call prepare(model, config) first"
+                f"layer {name!r} is a plain nn.{type(module).__name__}; call "
+                f"prepare(model, config) first"
             )
     tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
     other = sum(t.numel() for t in tensors if id(t) not in inside)
