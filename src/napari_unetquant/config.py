@@ -348,6 +348,9 @@ class UNetConfig:
 
 
 LOSSES = ("bce_dice", "dice")
+MASK_FORMATS = ("same", ".tif", ".nii.gz", ".nii")
+"""Mask files of batch segmentation: ``same`` as the image (TIFF/NIfTI; ``.tif`` for other
+images, ``.nii.gz`` for DICOM series) or one suffix for all."""
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    """Sliding-window inference: square ``tile``, fractional ``overlap``, tiles per batch.
+    """Sliding-window inference: square ``tile`` (2D networks) or ``tile_3d`` boxes (slices,
+    rows, columns; 3D networks), fractional ``overlap``, windows per batch.
 
     ``batch_size`` ``None`` picks 1 on the CPU (larger batches are slower per slice there:
     their activations leave the cache; ``benchmarks/integer_inference.py`` times both) and 4
@@ -444,6 +448,7 @@ class InferConfig:
     """
 
     tile: int = 512
+    tile_3d: tuple[int, int, int] = (16, 128, 128)
     overlap: float = 0.25
     batch_size: int | None = None
     threshold: float = 0.5
@@ -452,6 +457,13 @@ class InferConfig:
     def __post_init__(self) -> None:
         if self.tile < 16:
             raise ValueError(f"tile must be at least 16 pixels, got {self.tile}")
+        if len(self.tile_3d) != 3 or any(
+            not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.tile_3d
+        ):
+            raise ValueError(
+                f"tile_3d must be three positive whole numbers (slices, rows, columns), "
+                f"got {self.tile_3d!r}"
+            )
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -460,3 +472,7 @@ class InferConfig:
             )
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    def window(self, spatial_dims: int) -> tuple[int, int, int]:
+        """The sliding window (slices, rows, columns) for a network of ``spatial_dims``."""
+        return self.tile_3d if spatial_dims == 3 else (1, self.tile, self.tile)

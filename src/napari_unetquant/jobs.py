@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from . import __version__
+from .batch import SegmentedFile, segment_to_path
 from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
-from .data.io import Volume, read_volume, write_mask
+from .data.io import Volume
+from .data.stream import open_volume
 from .devices import resolve_device
 from .infer.predict import segment_volume
 from .metrics import SegmentationScores, segmentation_scores
@@ -38,6 +40,7 @@ from .train import (
     slice_set,
     split_validation,
 )
+from .train.distributed import first_process_file
 
 AUTO = "auto"
 
@@ -147,6 +150,7 @@ def train_model(job: TrainJob) -> Iterator[Event]:
     At every validation the resume checkpoint beside ``job.out`` is written first, then the
     model if it improved, both before the event is yielded (the caller may stop there). The
     checkpoint is removed once the last step is done; ``job.resume`` continues from it.
+    Data-parallel (under torchrun) only the first process writes files.
     """
     start = _initial_model(job)
     foreground = start.foreground_value
@@ -161,23 +165,19 @@ def train_model(job: TrainJob) -> Iterator[Event]:
     trainer = Trainer(start.model, slice_set(train_pairs, preprocess), validation, job.train)
     identity = _identity(job, start.unet, preprocess, foreground)
     resume_file = checkpoint_path(job.out)
+    writes = trainer.parallel is None or trainer.parallel.rank == 0
 
     def bundle() -> SegmentationModel:
         info = _info(job, trainer, foreground, (len(train_pairs), len(val_pairs)))
         return SegmentationModel(trainer.best_model(), start.unet, job.quant, preprocess, info)
 
-    if job.resume and not resume_file.exists() and Path(job.out).exists():
-        raise ValueError(
-            f"nothing to resume: {job.out} has no checkpoint beside it, so its training "
-            f"finished; drop --resume to train it again (the file will be replaced)"
-        )
-    if job.resume and resume_file.exists():
-        load_checkpoint(resume_file, trainer, identity)
-        if trainer.best_state is not None:  # the model file may predate the checkpoint
+    if job.resume:
+        _resume(job, trainer, identity)
+        if writes and trainer.best_state is not None:  # the model file may predate it
             save_model(job.out, bundle())
 
     for event in trainer.run():
-        if isinstance(event, ValidationEvent):
+        if writes and isinstance(event, ValidationEvent):
             if event.step < event.steps:
                 save_checkpoint(resume_file, trainer, identity)
             if event.improved:
@@ -185,6 +185,23 @@ def train_model(job: TrainJob) -> Iterator[Event]:
             if event.step == event.steps:
                 resume_file.unlink(missing_ok=True)
         yield event
+
+
+def _resume(job: TrainJob, trainer: Trainer, identity: dict[str, Any]) -> None:
+    """Restore the checkpoint beside ``job.out`` (data-parallel: the first process reads it
+    and hands it to the others), or refuse when the run that wrote ``job.out`` finished."""
+    with first_process_file(checkpoint_path(job.out), trainer.parallel) as saved:
+        if saved is not None:
+            load_checkpoint(saved, trainer, identity)
+            return
+    finished = Path(job.out).exists()
+    if trainer.parallel is not None:  # what the first process's disk says
+        finished = trainer.parallel.from_first(finished)
+    if finished:
+        raise ValueError(
+            f"nothing to resume: {job.out} has no checkpoint beside it, so its training "
+            f"finished; drop --resume to train it again (the file will be replaced)"
+        )
 
 
 def _identity(
@@ -363,30 +380,20 @@ class Segmentation:
     mask: np.ndarray
 
 
-def segment_file(
-    bundle: SegmentationModel, image_path: str | Path, config: InferConfig, device: str = "auto"
-) -> tuple[Segmentation, Any]:
-    """Segment one image file; returns the segmentation and the image :class:`Volume`."""
-    volume = read_volume(image_path)
-    target = _inference_device(device, config)
-    bundle.model.to(target)
-    probabilities = segment_volume(bundle, volume, config, target)
-    mask = (probabilities >= config.threshold).astype(np.uint8)
-    return Segmentation(probabilities, mask), volume
-
-
 def segment_to_file(
     model_path: str, image_path: str, out_path: str, config: InferConfig, device: str = "auto"
-) -> Segmentation:
-    """``unetquant segment``: read, segment, write the mask (TIFF or NIfTI by extension)."""
+) -> SegmentedFile:
+    """``unetquant segment``: read the image a few slices at a time, segment them and write
+    the mask as it is made (TIFF or NIfTI by extension; the file appears once complete)."""
     from .data.io import MASK_SUFFIXES, suffix_of
 
     if suffix_of(Path(out_path)) not in MASK_SUFFIXES:  # fail before the slow part
         raise ValueError(f"{out_path}: write masks as .tif, .tiff, .nii or .nii.gz")
     bundle = load_model(model_path)
-    segmentation, volume = segment_file(bundle, image_path, config, device)
-    write_mask(out_path, segmentation.mask, like=volume)
-    return segmentation
+    target = _inference_device(device, config)
+    bundle.model.to(target)
+    with open_volume(image_path) as source:
+        return segment_to_path(bundle, source, out_path, config, target)
 
 
 def evaluate_files(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -45,6 +46,24 @@ class Volume:
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
             raise ValueError(f"a Volume holds (S, H, W) slices, got shape {self.array.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        shape = self.array.shape
+        return (shape[0], shape[1], shape[2])
+
+
+class Grid(Protocol):
+    """Where an image's voxels lie: :class:`Volume` and a streamed source both have these."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def affine(self) -> np.ndarray | None: ...
+
+    @property
+    def source(self) -> str: ...
 
 
 def suffix_of(path: Path) -> str:
@@ -146,7 +165,7 @@ def _read_nifti(path: Path) -> Volume:
     )
 
 
-def labels_on_image_grid(labels: Volume, image: Volume) -> np.ndarray:
+def labels_on_image_grid(labels: Volume, image: Grid) -> np.ndarray:
     """``labels.array`` in ``image``'s voxel order.
 
     Where both files carry an affine (NIfTI, DICOM) and their axes differ in order or direction,
@@ -159,7 +178,7 @@ def labels_on_image_grid(labels: Volume, image: Volume) -> np.ndarray:
     transform = ornt_transform(io_orientation(labels.affine), io_orientation(image.affine))
     voxels = np.moveaxis(labels.array, 0, 2)  # (i, j, slices): NIfTI voxel order
     aligned = np.moveaxis(apply_orientation(voxels, transform), 2, 0)
-    if aligned.shape == image.array.shape and not np.allclose(
+    if aligned.shape == image.shape and not np.allclose(
         _reoriented_affine(labels, transform), image.affine, atol=1e-2
     ):
         raise InputError(
@@ -229,36 +248,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_mask(path: str | Path, mask: np.ndarray, like: Volume | None = None) -> None:
-    """Write ``(S, H, W)`` uint8 ``mask`` as TIFF or NIfTI (by ``path``'s extension).
+    """Write ``(S, H, W)`` ``mask`` as TIFF or NIfTI (by ``path``'s extension), atomically.
 
     NIfTI files get ``like``'s affine (or one from its spacing), so they overlay the source.
     """
-    path = Path(path)
-    suffix = suffix_of(path)
-    if suffix not in MASK_SUFFIXES:
-        raise ValueError(
-            f"{path}: cannot write masks as {suffix!r}; use .tif, .tiff, .nii or .nii.gz"
-        )
-    with atomic_path(path) as temporary:
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
+    from .stream import write_mask_stream
 
-            tifffile.imwrite(temporary, mask, photometric="minisblack", compression="zlib")
-        else:
-            import nibabel as nib
-
-            affine = _affine(like)
-            image = nib.Nifti1Image(np.moveaxis(mask, 0, 2), affine)
-            image.set_data_dtype(mask.dtype)
-            image.set_qform(affine, code=1)
-            image.set_sform(affine, code=1)
-            nib.save(image, temporary)
-
-
-def _affine(like: Volume | None) -> np.ndarray:
-    if like is not None and like.affine is not None:
-        return like.affine
-    affine = np.eye(4)
-    if like is not None and like.spacing is not None:
-        affine[0, 0], affine[1, 1] = like.spacing
-    return affine
+    if mask.ndim != 3:
+        raise ValueError(f"a mask is (S, H, W) slices, got shape {mask.shape}")
+    shape = (mask.shape[0], mask.shape[1], mask.shape[2])
+    write_mask_stream(path, [mask], shape, mask.dtype, like)

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..config import InferConfig
 from ..data.io import Volume
-from ..data.preprocess import network_input, resize_slices
+from ..data.preprocess import normalize, resize_slices, target_shape
+from ..data.stream import SliceSource, volume_source
 from ..modelio import SegmentationModel
 from .integer import IntegerUNet
 
@@ -35,20 +36,114 @@ def gaussian_weights(tile: int) -> np.ndarray:
     return floored
 
 
-def _blend_weights(height: int, width: int, tile: int) -> np.ndarray:
-    """Weights of one window: Gaussian along each axis that is tiled, flat along the others."""
-    rows = gaussian_weights(tile) if height > tile else np.ones(height, np.float32)
-    cols = gaussian_weights(tile) if width > tile else np.ones(width, np.float32)
-    weights: np.ndarray = np.outer(rows, cols)
-    return weights
+def _profile(size: int, tile: int) -> np.ndarray:
+    """Blending along one axis: Gaussian where the axis is tiled, flat where one window spans it."""
+    return gaussian_weights(tile) if size > tile else np.ones(min(size, tile), np.float32)
 
 
-def _windows(shape: tuple[int, int, int], config: InferConfig) -> Iterator[Window]:
-    slices, height, width = shape
-    for index in range(slices):
-        for top in window_starts(height, config.tile, config.overlap):
-            for left in window_starts(width, config.tile, config.overlap):
-                yield index, top, left
+def spatial_dims(model: nn.Module | Callable[[Tensor], Tensor]) -> int:
+    """2 for networks that take ``(N, C, H, W)`` slices, 3 for ``(N, C, D, H, W)`` volumes."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "spatial_dims", 2))
+
+
+@torch.no_grad()
+def predict_chunks(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    read: Callable[[int, int], np.ndarray],
+    shape: tuple[int, int, int],
+    config: InferConfig,
+    device: torch.device | str = "cpu",
+) -> Iterator[np.ndarray]:
+    """Foreground probabilities of ``shape`` ``(S, H, W)`` normalised slices, streamed.
+
+    ``read(start, stop)`` returns slices ``[start, stop)`` (float32); each is asked for once,
+    in order, when the first window needing it runs. Yields runs of finished probability slices
+    ``(k, H, W)`` float32, in order: a slice is yielded and forgotten as soon as no later window
+    covers it, so memory holds a few windows' worth of slices whatever ``S`` is.
+
+    2D networks see ``config.tile`` squares of single slices; 3D networks see
+    ``config.tile_3d`` boxes of consecutive slices. Overlapping windows are blended with
+    Gaussian weights (no seams); windows are batched ``config.batch_size`` at a time
+    (automatic: 1 on the CPU, 4 on GPUs).
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
+    count, height, width = shape
+    dims = spatial_dims(model)
+    depth, tile_h, tile_w = config.window(dims)
+    depth, tile_h, tile_w = min(depth, count), min(tile_h, height), min(tile_w, width)
+    weights = np.einsum(
+        "d,h,w->dhw",
+        _profile(count, depth) if dims == 3 else np.ones(1, np.float32),
+        _profile(height, tile_h),
+        _profile(width, tile_w),
+    )
+    starts = window_starts(count, depth, config.overlap) if dims == 3 else range(count)
+    windows = [
+        (d, r, c)
+        for d in starts
+        for r in window_starts(height, tile_h, config.overlap)
+        for c in window_starts(width, tile_w, config.overlap)
+    ]
+    batch_size = config.batch_size or (1 if torch.device(device).type == "cpu" else 4)
+    inputs = _SliceWindow(read, count, (height, width))
+    sums = _SliceWindow(None, count, (height, width))
+    norms = _SliceWindow(None, count, (height, width))
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
+        tiles = np.stack(
+            [inputs.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] for d, r, c in batch]
+        )  # (B, depth, h, w): for 2D networks depth is 1 and serves as the channel axis
+        logits = model(torch.from_numpy(tiles if dims == 2 else tiles[:, None]).to(device))
+        if logits.shape[1] != 1:
+            raise ValueError(
+                f"the model has {logits.shape[1]} output classes; segmentation here is binary "
+                f"(one foreground class)"
+            )
+        probabilities = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+        for (d, r, c), probability in zip(batch, probabilities, strict=True):
+            sums.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] += probability * weights
+            norms.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] += weights
+        done = windows[first + batch_size][0] if first + batch_size < len(windows) else count
+        inputs.drop_before(done)
+        finished = sums.drop_before(done)
+        if len(finished):
+            yield finished / norms.drop_before(done)
+
+
+class _SliceWindow:
+    """Slices ``[first, first + len)`` of an ``(S, H, W)`` float32 stack, kept in memory while
+    windows need them: :meth:`get` reads (or, with no reader, zero-fills) up to a slice,
+    :meth:`drop_before` hands back and forgets what no window needs any more."""
+
+    READ_AHEAD = 8  # slices read per call of the reader, at least
+
+    def __init__(
+        self, read: Callable[[int, int], np.ndarray] | None, count: int, plane: tuple[int, int]
+    ) -> None:
+        self._read, self._count, self._plane = read, count, plane
+        self._first = 0
+        self._data = np.zeros((0, *plane), np.float32)
+
+    def get(self, start: int, stop: int) -> np.ndarray:
+        """Slices ``[start, stop)`` (a view: writes land in the kept slices)."""
+        end = self._first + len(self._data)
+        if stop > end:
+            more = min(self._count, max(stop, end + self.READ_AHEAD)) - end
+            if self._read is None:
+                run = np.zeros((more, *self._plane), np.float32)
+            else:
+                run = np.asarray(self._read(end, end + more), dtype=np.float32)
+            self._data = np.concatenate([self._data, run]) if len(self._data) else run
+        return self._data[start - self._first : stop - self._first]
+
+    def drop_before(self, index: int) -> np.ndarray:
+        """Forget slices before ``index`` and return them."""
+        cut = max(0, index - self._first)
+        dropped, self._data = self._data[:cut], self._data[cut:]
+        self._first += len(dropped)
+        return dropped
 
 
 @torch.no_grad()
@@ -58,35 +153,11 @@ def predict_probabilities(
     config: InferConfig,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Foreground probabilities ``(S, H, W)`` float32 of normalised slices ``(S, H, W)``.
-
-    Images larger than ``config.tile`` are cut into overlapping tiles whose sigmoid outputs are
-    blended with Gaussian weights (no seams); smaller ones go through whole. Tiles from all
-    slices are batched ``config.batch_size`` at a time (automatic: 1 on the CPU, 4 on GPUs).
-    """
-    if isinstance(model, nn.Module):
-        model.eval()
-    height, width = slices.shape[1:]
-    tile_h, tile_w = min(config.tile, height), min(config.tile, width)
-    weights = _blend_weights(height, width, config.tile)
-    total = np.zeros(slices.shape, dtype=np.float32)
-    norm = np.zeros(slices.shape, dtype=np.float32)
-    windows = list(_windows(slices.shape, config))
-    batch_size = config.batch_size or (1 if torch.device(device).type == "cpu" else 4)
-    for first in range(0, len(windows), batch_size):
-        batch = windows[first : first + batch_size]
-        tiles = np.stack([slices[i, r : r + tile_h, c : c + tile_w] for i, r, c in batch])
-        logits = model(torch.from_numpy(tiles[:, None]).to(device))
-        if logits.shape[1] != 1:
-            raise ValueError(
-                f"the model has {logits.shape[1]} output classes; segmentation here is binary "
-                f"(one foreground class)"
-            )
-        probabilities = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
-        for (i, r, c), probability in zip(batch, probabilities, strict=True):
-            total[i, r : r + tile_h, c : c + tile_w] += probability * weights
-            norm[i, r : r + tile_h, c : c + tile_w] += weights
-    return total / norm
+    """Foreground probabilities ``(S, H, W)`` float32 of normalised slices ``(S, H, W)``
+    (:func:`predict_chunks` over an array held in memory)."""
+    shape = (slices.shape[0], slices.shape[1], slices.shape[2])
+    chunks = predict_chunks(model, lambda a, b: slices[a:b], shape, config, device)
+    return np.concatenate(list(chunks))
 
 
 _INTEGER_NETWORKS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], IntegerUNet]]
@@ -109,16 +180,19 @@ def _parameter_versions(model: nn.Module) -> tuple[int, ...]:
     return tuple(parameter._version for parameter in model.parameters())
 
 
-def segment_volume(
+@torch.no_grad()
+def segment_source(
     bundle: SegmentationModel,
-    volume: Volume,
+    source: SliceSource,
     config: InferConfig,
     device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Foreground probabilities ``(S, H, W)`` float32 on ``volume``'s own grid.
+) -> Iterator[np.ndarray]:
+    """Foreground probabilities on ``source``'s own grid, as runs of ``(k, H, W)`` float32
+    slices in order, reading the image as the windows need it.
 
-    The image is resampled and normalised as in training (the model file's preprocessing),
-    predicted, and the probabilities are resampled back before any thresholding.
+    Each slice is resampled and normalised as in training (the model file's preprocessing: both
+    are in-plane, so slice by slice), predicted, and its probabilities resampled back before
+    any thresholding. Memory stays a few windows' worth of slices, whatever the image's depth.
     """
     network: nn.Module | IntegerUNet = bundle.model
     if config.integer:
@@ -127,8 +201,23 @@ def segment_volume(
                 f"integer inference runs on the CPU, not {device}; use the CPU or drop --integer"
             )
         network = integer_network(bundle.model)
-    inputs = network_input(volume, bundle.preprocess)
-    probabilities = predict_probabilities(network, inputs, config, device)
-    original: tuple[int, int] = (volume.array.shape[1], volume.array.shape[2])
-    resampled: np.ndarray = np.clip(resize_slices(probabilities, original, order=1), 0.0, 1.0)
-    return resampled
+    plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
+
+    def read(start: int, stop: int) -> np.ndarray:
+        raw = source.slices(start, stop).astype(np.float32)
+        return normalize(resize_slices(raw, plane, order=1), bundle.preprocess)
+
+    original = (source.shape[1], source.shape[2])
+    for chunk in predict_chunks(network, read, (source.shape[0], *plane), config, device):
+        yield np.clip(resize_slices(chunk, original, order=1), 0.0, 1.0)
+
+
+def segment_volume(
+    bundle: SegmentationModel,
+    volume: Volume,
+    config: InferConfig,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Foreground probabilities ``(S, H, W)`` float32 on ``volume``'s own grid
+    (:func:`segment_source` over a volume held in memory)."""
+    return np.concatenate(list(segment_source(bundle, volume_source(volume), config, device)))

@@ -1,0 +1,352 @@
+"""Segmenting many or large volumes: streamed from file to file, one after another or on a
+dask cluster, with a CSV of what was done (and Dice per volume when labels are given).
+
+Every volume is read a few slices at a time and its mask written as it is made
+(:func:`~napari_unetquant.infer.predict.segment_source`,
+:func:`~napari_unetquant.data.stream.write_mask_stream`), so memory does not grow with the
+volume's depth, and no output file exists until it is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import MASK_FORMATS, InferConfig
+from .data.io import (
+    MASK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    TIFF_SUFFIXES,
+    InputError,
+    atomic_path,
+    labels_on_image_grid,
+    read_volume,
+    suffix_of,
+)
+from .data.preprocess import foreground_mask
+from .data.stream import SliceSource, open_volume, write_mask_stream
+from .devices import resolve_device
+from .infer.predict import segment_source
+from .metrics import SegmentationScores, segmentation_scores
+from .modelio import SegmentationModel, load_model
+
+VOLUME_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".npy", ".zarr")
+
+
+@dataclass(frozen=True)
+class SegmentedFile:
+    """One volume of a batch: where its mask went, and its scores when labels were given
+    (``error`` instead when it failed: the other volumes go on)."""
+
+    image: str
+    out: str
+    labels: str | None = None
+    shape: tuple[int, int, int] | None = None
+    foreground: int = 0
+    seconds: float = 0.0
+    scores: SegmentationScores | None = None
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The CSV row."""
+        scores = self.scores
+        return {
+            "image": self.image,
+            "labels": self.labels or "",
+            "mask": "" if self.error else self.out,
+            "slices": self.shape[0] if self.shape else "",
+            "foreground_voxels": "" if self.error else self.foreground,
+            "dice_volume": f"{scores.dice_volume:.4f}" if scores else "",
+            "dice_mean": f"{scores.dice_mean:.4f}" if scores else "",
+            "iou_mean": f"{scores.iou_mean:.4f}" if scores else "",
+            "seconds": f"{self.seconds:.2f}",
+            "error": self.error or "",
+        }
+
+
+def segment_mask(
+    bundle: SegmentationModel,
+    source: SliceSource,
+    config: InferConfig,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """The uint8 ``(S, H, W)`` mask of a source, filled as slices are finished (memory: the
+    mask and a few windows' slices; never the whole image in float)."""
+    mask = np.empty(source.shape, np.uint8)
+    done = 0
+    for probabilities in segment_source(bundle, source, config, device):
+        mask[done : done + len(probabilities)] = probabilities >= config.threshold
+        done += len(probabilities)
+        if progress is not None:
+            progress(done, source.shape[0])
+    return mask
+
+
+def segment_to_path(
+    bundle: SegmentationModel,
+    source: SliceSource,
+    out: str | Path,
+    config: InferConfig,
+    device: torch.device | str = "cpu",
+    labels: np.ndarray | None = None,
+) -> SegmentedFile:
+    """Segment ``source`` into the mask file ``out`` (TIFF or NIfTI by suffix, atomically),
+    scoring it against the ``labels`` mask (same shape) on the way when given."""
+    if labels is not None and labels.shape != source.shape:
+        raise InputError(
+            f"labels of shape {labels.shape} do not match the image {source.source} of shape "
+            f"{source.shape}; give the labels drawn on this image"
+        )
+    start = time.perf_counter()
+    counts = {"foreground": 0, "done": 0}
+    parts: list[SegmentationScores] = []
+
+    def masks() -> Iterator[np.ndarray]:
+        for probabilities in segment_source(bundle, source, config, device):
+            mask = (probabilities >= config.threshold).astype(np.uint8)
+            done = counts["done"]
+            if labels is not None:
+                parts.append(segmentation_scores(mask, labels[done : done + len(mask)]))
+            counts["foreground"] += int(mask.sum())
+            counts["done"] = done + len(mask)
+            yield mask
+
+    write_mask_stream(out, masks(), source.shape, np.uint8, like=source)
+    return SegmentedFile(
+        source.source,
+        str(out),
+        shape=source.shape,
+        foreground=counts["foreground"],
+        seconds=time.perf_counter() - start,
+        scores=SegmentationScores.pooled(parts) if labels is not None else None,
+    )
+
+
+def label_mask(path: str | Path, image: SliceSource, foreground_value: int | None) -> np.ndarray:
+    """The object mask (uint8) of a label file, on ``image``'s grid."""
+    labels = read_volume(path)
+    array = labels_on_image_grid(labels, image)
+    if array.shape != image.shape:
+        raise InputError(
+            f"{path} has shape {array.shape} but {image.source} has {image.shape}; labels must "
+            f"be on the image's grid"
+        )
+    return foreground_mask(array, foreground_value)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One volume to segment: image, mask file to write, labels to score against (or none)."""
+
+    image: str
+    out: str
+    labels: str | None = None
+
+
+def list_volumes(folder: str | Path) -> list[str]:
+    """The volumes in ``folder``, in name order: image files (TIFF, PNG/JPEG, NIfTI, ``.npy``,
+    ``.zarr``) and sub-folders (a DICOM series or a folder of slices each)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f"{folder}: not a folder; give a folder of volumes, or list them")
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    volumes = [str(p) for p in entries if p.is_dir() or suffix_of(p) in VOLUME_SUFFIXES]
+    if not volumes:
+        raise InputError(
+            f"{folder}: no volumes found; it should hold image files "
+            f"({', '.join(VOLUME_SUFFIXES)}) or one folder per DICOM series"
+        )
+    return volumes
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    suffix = suffix_of(Path(path))
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def _mask_suffix(image: str, out_format: str) -> str:
+    if out_format != "same":
+        return out_format
+    suffix = suffix_of(Path(image))
+    if suffix in MASK_SUFFIXES:
+        return suffix
+    folder = Path(image)
+    if folder.is_dir() and not all(
+        suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES for f in folder.iterdir() if f.is_file()
+    ):
+        return ".nii.gz"  # a DICOM series: NIfTI keeps its affine
+    return ".tif"
+
+
+def plan_batch(
+    images: Sequence[str],
+    out_dir: str | Path,
+    labels: Sequence[str] | None = None,
+    labels_dir: str | Path | None = None,
+    out_format: str = "same",
+) -> list[BatchItem]:
+    """One :class:`BatchItem` per image: masks named after the images in ``out_dir``
+    (``out_format`` ``same`` keeps TIFF/NIfTI and writes ``.tif`` for other inputs,
+    ``.nii.gz`` for DICOM folders), labels given in the same order or found in ``labels_dir``
+    under the image's name (any supported suffix)."""
+    if out_format not in MASK_FORMATS:
+        raise ValueError(f"output format {out_format!r}: use one of {', '.join(MASK_FORMATS)}")
+    if not images:
+        raise InputError("no images to segment; list them or give a folder of volumes")
+    if labels is not None and len(labels) != len(images):
+        raise InputError(
+            f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
+            f"image, in the same order (or a labels folder)"
+        )
+    outs = [str(Path(out_dir) / (_stem(i) + _mask_suffix(i, out_format))) for i in images]
+    clashes = sorted({o for o in outs if outs.count(o) > 1})
+    if clashes:
+        raise InputError(
+            f"several images would write {clashes[0]}; give images with different names"
+        )
+    matched: list[str | None] = list(labels) if labels is not None else [None] * len(images)
+    if labels_dir is not None:
+        matched = [_find_labels(image, labels_dir) for image in images]
+    for image in images:
+        if Path(image).resolve() in {Path(o).resolve() for o in outs}:
+            raise InputError(
+                f"{image} would be overwritten by its own mask; choose another --out-dir"
+            )
+    return [BatchItem(i, o, lab) for i, o, lab in zip(images, outs, matched, strict=True)]
+
+
+def _find_labels(image: str, folder: str | Path) -> str:
+    stem = _stem(image)
+    found = [p for p in Path(folder).iterdir() if _stem(str(p)) == stem]
+    if len(found) != 1:
+        what = "no file" if not found else f"{len(found)} files"
+        raise InputError(
+            f"{folder}: {what} named {stem} (any suffix) to score {image} against; give one "
+            f"label file per image with the image's name"
+        )
+    return str(found[0])
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(path: str, stamp: tuple[int, int]) -> SegmentationModel:
+    """A model file loaded once per process (and again when the file changes)."""
+    return load_model(path)
+
+
+def _model(path: str) -> SegmentationModel:
+    status = os.stat(path)
+    return _cached_model(os.path.abspath(path), (status.st_mtime_ns, status.st_size))
+
+
+def segment_item(
+    model_path: str,
+    item: BatchItem,
+    config: InferConfig,
+    device: str = "auto",
+    foreground_value: int | None = None,
+) -> SegmentedFile:
+    """Segment one batch item; a failure becomes the result's ``error`` (the batch goes on).
+
+    A plain function of picklable arguments: dask workers run it as it is.
+    """
+    start = time.perf_counter()
+    try:
+        bundle = _model(model_path)
+        target = torch.device("cpu") if config.integer and device == "auto" else None
+        target = target or resolve_device(device)
+        bundle.model.to(target)
+        with open_volume(item.image) as source:
+            labels = label_mask(item.labels, source, foreground_value) if item.labels else None
+            result = segment_to_path(bundle, source, item.out, config, target, labels)
+    except Exception as error:  # reported in the CSV and the exit status; the batch goes on
+        message = " ".join(str(error).split()) or type(error).__name__
+        return SegmentedFile(
+            item.image, item.out, item.labels, seconds=time.perf_counter() - start, error=message
+        )
+    return SegmentedFile(
+        item.image,
+        item.out,
+        item.labels,
+        result.shape,
+        result.foreground,
+        result.seconds,
+        result.scores,
+    )
+
+
+def segment_batch(
+    model_path: str,
+    items: Sequence[BatchItem],
+    config: InferConfig,
+    device: str = "auto",
+    foreground_value: int | None = None,
+    client: Any = None,
+) -> Iterator[SegmentedFile]:
+    """Segment every item, yielding each result as it finishes: here, one after another, or
+    on a ``dask.distributed`` ``client``'s workers (one task per volume; every worker reads
+    the model, images and labels from paths it must see, and writes the masks itself)."""
+    if not Path(model_path).is_file():
+        raise InputError(f"{model_path}: no such model file; check the path")
+    load_model(model_path)  # a wrong or damaged model fails the batch up front, not per volume
+    for item in items:
+        Path(item.out).parent.mkdir(parents=True, exist_ok=True)
+    if client is None:
+        for item in items:
+            yield segment_item(model_path, item, config, device, foreground_value)
+        return
+    from distributed import as_completed
+
+    futures = client.map(
+        segment_item,
+        [model_path] * len(items),
+        list(items),
+        config=config,
+        device=device,
+        foreground_value=foreground_value,
+        pure=False,
+    )
+    for future in as_completed(futures):  # type: ignore[no-untyped-call]
+        yield future.result()
+
+
+CSV_FIELDS = (
+    "image",
+    "labels",
+    "mask",
+    "slices",
+    "foreground_voxels",
+    "dice_volume",
+    "dice_mean",
+    "iou_mean",
+    "seconds",
+    "error",
+)
+
+
+def scores_csv(results: Sequence[SegmentedFile]) -> str:
+    """The batch's CSV text, one row per volume."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        writer.writerow(result.row())
+    return text.getvalue()
+
+
+def write_scores_csv(path: str | Path, results: Sequence[SegmentedFile]) -> None:
+    """Write :func:`scores_csv` atomically."""
+    with atomic_path(Path(path)) as temporary:
+        temporary.write_text(scores_csv(results))

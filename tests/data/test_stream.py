@@ -1,0 +1,121 @@
+"""Streamed volumes: every lazy reader gives the eager reader's slices, and streamed masks are
+the files the eager writer writes, complete or absent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unetquant.data import read_volume, write_mask
+from napari_unetquant.data.io import InputError
+from napari_unetquant.data.stream import array_source, open_volume, write_mask_stream
+
+
+def _stack() -> np.ndarray:
+    return np.random.default_rng(0).integers(-1000, 2000, (11, 17, 13)).astype(np.int16)
+
+
+def _write(path: Path, stack: np.ndarray) -> Path:
+    suffix = path.name.partition(".")[2]
+    if suffix in ("tif", "tiff"):
+        tifffile.imwrite(path, stack, photometric="minisblack")
+    elif suffix.startswith("nii"):
+        affine = np.diag([0.5, 0.7, 3.0, 1.0])
+        nib.save(nib.Nifti1Image(np.moveaxis(stack, 0, 2), affine), path)
+    elif suffix == "npy":
+        np.save(path, stack)
+    elif suffix == "zarr":
+        import zarr
+
+        zarr.save_array(str(path), stack)
+    else:  # a folder of single-slice TIFFs
+        path.mkdir()
+        for index, one in enumerate(stack):
+            tifffile.imwrite(path / f"slice{index}.tif", one, photometric="minisblack")
+    return path
+
+
+@pytest.mark.parametrize("name", ["v.tif", "v.nii", "v.nii.gz", "v.npy", "v.zarr", "slices"])
+def test_lazy_readers_give_the_eager_slices(tmp_path: Path, name: str) -> None:
+    stack = _stack()
+    path = _write(tmp_path / name, stack)
+    with open_volume(path) as source:
+        assert source.shape == stack.shape
+        runs = [source.slices(a, a + 4) for a in range(0, 11, 4)]
+        assert np.array_equal(np.concatenate(runs), stack)
+        assert np.array_equal(source.slices(9, 99), stack[9:])  # clipped at the end
+        if name.startswith("v.nii"):
+            eager = read_volume(path)
+            assert source.spacing == eager.spacing == pytest.approx((0.5, 0.7))
+            assert source.affine is not None and np.array_equal(source.affine, eager.affine)
+
+
+def test_dask_arrays_are_computed_a_run_at_a_time() -> None:
+    import dask.array as da
+
+    stack = _stack()
+    computed: list[int] = []
+
+    def block(x: np.ndarray) -> np.ndarray:
+        if x.size:  # dask also calls it on an empty array to learn the output type
+            computed.append(len(x))
+        return x
+
+    lazy = da.from_array(stack, chunks=(2, 17, 13)).map_blocks(block, dtype=stack.dtype)
+    source = array_source(lazy)
+    assert computed == [] and source.shape == stack.shape
+    assert np.array_equal(source.slices(4, 6), stack[4:6])
+    assert sum(computed) == 2  # one chunk of two slices, not the whole stack
+
+
+def test_damaged_and_unsuitable_files_are_refused_with_the_reason(tmp_path: Path) -> None:
+    path = _write(tmp_path / "v.nii.gz", _stack())
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(InputError, match="v.nii.gz"):
+        with open_volume(path) as source:
+            source.slices(0, 11)
+    with pytest.raises(InputError, match="no such file"):
+        open_volume(tmp_path / "missing.tif")
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ValueError, match="4D"):
+        open_volume(rgb)
+
+
+@pytest.mark.parametrize("name", ["m.tif", "m.nii", "m.nii.gz"])
+def test_streamed_masks_are_the_files_the_eager_writer_writes(tmp_path: Path, name: str) -> None:
+    mask = (np.random.default_rng(1).random((7, 9, 5)) > 0.5).astype(np.uint8)
+    like = read_volume(_write(tmp_path / "image.nii", _stack()[:7, :9, :5]))
+    streamed, eager = tmp_path / name, tmp_path / f"eager-{name}"
+    write_mask_stream(streamed, (mask[a : a + 3] for a in range(0, 7, 3)), (7, 9, 5), like=like)
+    write_mask(eager, mask, like=like)
+    assert np.array_equal(read_volume(streamed).array, mask)
+    if name.startswith("m.nii"):
+        image = nib.load(streamed)
+        assert np.array_equal(image.affine, like.affine)
+        assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(nib.load(eager).dataobj))
+        assert image.get_data_dtype() == np.uint8
+
+
+def test_a_stream_that_fails_part_way_leaves_the_old_file_and_no_debris(tmp_path: Path) -> None:
+    out = tmp_path / "mask.nii.gz"
+    write_mask(out, np.ones((2, 4, 4), np.uint8))
+    before = out.read_bytes()
+
+    def failing() -> Iterator[np.ndarray]:
+        yield np.zeros((1, 4, 4), np.uint8)
+        raise RuntimeError("the network ran out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_mask_stream(out, failing(), (2, 4, 4))
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        write_mask_stream(out, [np.zeros((1, 4, 4), np.uint8)], (2, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        write_mask_stream(out, [np.zeros((1, 5, 4), np.uint8)], (2, 4, 4))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
