@@ -14,7 +14,7 @@ import functools
 import io
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,25 +73,6 @@ class SegmentedFile:
             "seconds": f"{self.seconds:.2f}",
             "error": self.error or "",
         }
-
-
-def segment_mask(
-    bundle: SegmentationModel,
-    source: SliceSource,
-    config: InferConfig,
-    device: torch.device | str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """The uint8 ``(S, H, W)`` mask of a source, filled as slices are finished (memory: the
-    mask and a few windows' slices; never the whole image in float)."""
-    mask = np.empty(source.shape, np.uint8)
-    done = 0
-    for probabilities in segment_source(bundle, source, config, device):
-        mask[done : done + len(probabilities)] = probabilities >= config.threshold
-        done += len(probabilities)
-        if progress is not None:
-            progress(done, source.shape[0])
-    return mask
 
 
 def segment_to_path(

@@ -17,7 +17,7 @@ from napari_unetquant.metrics import segmentation_scores
 from napari_unetquant.modelio import load_model
 
 PLUGIN = "napari-unetquant"
-WIDGETS = ["Train quantized U-Net", "Segment", "Dice readout", "Bit-width sweep"]
+WIDGETS = ["Train quantized U-Net", "Segment", "Batch segment", "Dice readout", "Bit-width sweep"]
 TIMEOUT = 120_000
 
 
@@ -200,3 +200,92 @@ def test_reader_keeps_spacing_and_writer_keeps_the_affine(
     assert np.array_equal(np.asanyarray(written.dataobj), np.asanyarray(source.dataobj))
     [tif] = viewer.open(shared_data / "isbi2012" / "train-labels.tif", plugin=PLUGIN)
     assert isinstance(tif, napari.layers.Labels) and tif.data.shape == (24, 512, 512)
+
+
+def test_batch_segments_files_and_scores_them(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
+) -> None:
+    import tifffile
+
+    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
+    from napari_unetquant.data import em_phantom_stack, read_volume
+    from napari_unetquant.model import build_unet
+    from napari_unetquant.modelio import SegmentationModel, save_model
+
+    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
+    model = tmp_path / "w4a6.safetensors"
+    save_model(model, SegmentationModel(build_unet(unet, quant), unet, quant, PreprocessConfig()))
+    images, labels = [], []
+    for n in (2, 3):
+        stack, truth = em_phantom_stack(n, 40, 48, seed=n)
+        images.append(tmp_path / f"vol{n}.tif")
+        labels.append(tmp_path / f"vol{n}-labels.tif")
+        tifffile.imwrite(images[-1], (stack * 255).astype(np.uint8), photometric="minisblack")
+        tifffile.imwrite(labels[-1], truth, photometric="minisblack")
+
+    viewer = make_napari_viewer()
+    batch = _dock(viewer, "Batch segment")
+    batch.start.clicked()  # nothing chosen yet: a notification, no crash
+    assert errors and "output folder" in errors.pop()
+    batch.images.value, batch.labels_files.value = images, labels
+    batch.model_file.value, batch.out_dir.value = model, tmp_path / "masks"
+    batch.open_masks.value = True
+    batch.start.clicked()
+    qtbot.waitUntil(lambda: batch.start.enabled and len(batch.results) == 2, timeout=TIMEOUT)
+    assert errors == []
+    with open(tmp_path / "masks" / "segment.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for image, truth, row in zip(images, labels, rows, strict=True):
+        mask = read_volume(tmp_path / "masks" / image.name).array
+        expected = segmentation_scores(mask, read_volume(truth).array)
+        assert float(row["dice_volume"]) == pytest.approx(expected.dice_volume, abs=5e-5)
+        assert np.array_equal(viewer.layers[image.name.split(".")[0]].data, mask)
+    assert batch.table.shape == (2, 3) and "2 of 2 volumes done, 0 failed" in batch.status.value
+
+
+def test_segment_streams_a_dask_layer_without_computing_it_whole(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
+) -> None:
+    import dask.array as da
+
+    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
+    from napari_unetquant.data import em_phantom_stack
+    from napari_unetquant.model import build_unet
+    from napari_unetquant.modelio import SegmentationModel, save_model
+
+    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
+    model = tmp_path / "w4a6.safetensors"
+    save_model(model, SegmentationModel(build_unet(unet, quant), unet, quant, PreprocessConfig()))
+    stack = em_phantom_stack(20, 48, 40, seed=1)[0]
+    lazy = Recorded(da.from_array(stack, chunks=(1, 48, 40)))
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="in memory")
+    viewer.add_image(lazy, name="lazy")
+    segment = _dock(viewer, "Segment")
+    segment.model.value, segment.model_file.value = "model file...", model
+    for name in ("in memory", "lazy"):
+        lazy.requests.clear()
+        segment.image.value = viewer.layers[name]
+        segment.run_button.clicked()
+        qtbot.waitUntil(lambda n=name: f"{n} W4A6" in viewer.layers, timeout=TIMEOUT)
+    assert errors == []
+    assert np.array_equal(viewer.layers["lazy W4A6"].data, viewer.layers["in memory W4A6"].data)
+    runs = [key for key in lazy.requests if isinstance(key, slice)]  # the segmentation's reads
+    assert runs and "whole" not in lazy.requests
+    assert max(key.stop - key.start for key in runs) <= 8  # a few slices at a time
+
+
+class Recorded:
+    """An array-like (as napari layers take) that records what is asked of it."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.requests = array, []
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> Any:
+        self.requests.append(key)
+        return self.array[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        self.requests.append("whole")
+        return np.asarray(self.array, dtype=dtype)

@@ -16,6 +16,7 @@ from qtpy.QtCore import QSettings
 from ..config import QuantConfig
 from ..data.io import Volume
 from ..data.preprocess import foreground_mask
+from ..data.stream import SliceSource, array_source
 from ._io import VOLUME_KEY
 
 QUANTIZERS = [
@@ -44,6 +45,26 @@ def layer_volume(layer: Image | Labels) -> Volume:
     scale = tuple(float(s) for s in layer.scale[-2:])
     spacing = scale if scale != (1.0, 1.0) else None
     return Volume(stack, spacing, None, layer.name)  # type: ignore[arg-type]
+
+
+def layer_source(layer: Image) -> SliceSource:
+    """An image layer's data as a streamed ``(S, H, W)`` source: NumPy, dask or zarr data is
+    read (or computed) a run of slices at a time, never all at once; multiscale layers use
+    their full-resolution level."""
+    if layer.rgb:
+        raise ValueError(f"layer {layer.name!r} is colour (RGB); choose a greyscale image")
+    data = layer.data[0] if layer.multiscale else layer.data
+    if data.ndim not in (2, 3):
+        raise ValueError(
+            f"layer {layer.name!r} has {data.ndim} dimensions; choose a 2D image or a 3D stack"
+        )
+    shape = tuple(data.shape) if data.ndim == 3 else (1, *data.shape)
+    source = layer.metadata.get(VOLUME_KEY)
+    if isinstance(source, Volume) and source.shape == shape:
+        return array_source(data, source.spacing, source.affine, source.source)
+    scale = tuple(float(s) for s in layer.scale[-2:])
+    spacing = scale if scale != (1.0, 1.0) else None
+    return array_source(data, spacing, None, layer.name)  # type: ignore[arg-type]
 
 
 def foreground(labels: np.ndarray, value: str) -> np.ndarray:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import napari
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -21,11 +23,11 @@ from napari.qt.threading import thread_worker
 
 from ..config import InferConfig
 from ..devices import resolve_device
-from ..jobs import Segmentation, segment_array
+from ..jobs import segment_array
 from ..modelio import SegmentationModel, load_model
 from ..quant import bit_report
 from . import _session
-from ._common import Persistent, layer_volume, notify_error
+from ._common import Persistent, layer_source, notify_error
 
 FROM_FILE = "model file..."
 
@@ -97,7 +99,7 @@ class SegmentWidget(Container):
             if self.image.value is None:
                 raise ValueError("choose an image layer first")
             layer = self.image.value
-            volume = layer_volume(layer)
+            source = layer_source(layer)
             bundle, description = self._bundle()
             config = InferConfig(threshold=self.threshold.value, integer=self.integer.value)
             device = "cpu" if config.integer else str(resolve_device(self.device.value))
@@ -106,14 +108,13 @@ class SegmentWidget(Container):
             return
         self.info.value = description
 
-        def work() -> tuple[Segmentation, float]:
+        def work() -> Generator[int, None, tuple[np.ndarray, float]]:
             start = time.perf_counter()
-            result = segment_array(bundle, volume, config, device)
-            return result, time.perf_counter() - start
+            mask = yield from segment_array(bundle, source, config, device)
+            return mask, time.perf_counter() - start
 
-        self.worker = thread_worker(
-            work, progress={"total": 0, "desc": "Segmenting"}, ignore_errors=True
-        )()
+        progress = {"total": source.shape[0], "desc": "Segmenting slices"}
+        self.worker = thread_worker(work, progress=progress, ignore_errors=True)()
         self.worker.errored.connect(notify_error)  # a notification, not re-raised
         self.worker.returned.connect(lambda result: self._add_layer(layer, bundle, *result))
         self.run_button.enabled = False
@@ -124,10 +125,10 @@ class SegmentWidget(Container):
         self,
         layer: napari.layers.Image,
         bundle: SegmentationModel,
-        segmentation: Segmentation,
+        mask: np.ndarray,
         seconds: float,
     ) -> None:
-        mask = segmentation.mask if layer.data.ndim == 3 else segmentation.mask[0]
+        mask = mask if layer.ndim == 3 else mask[0]
         suffix = " integer" if self.integer.value else ""
         self._viewer.add_labels(
             mask,

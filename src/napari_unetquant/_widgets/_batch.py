@@ -1,0 +1,148 @@
+"""Dock widget: segment a list of volume files into a folder, with Dice per volume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import napari
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    LineEdit,
+    PushButton,
+    Table,
+)
+from napari.qt.threading import GeneratorWorker, thread_worker
+
+from ..batch import SegmentedFile, plan_batch, segment_batch, write_scores_csv
+from ..config import InferConfig
+from ._common import Persistent, notify_error
+from ._io import read_layers
+
+CSV_NAME = "segment.csv"
+
+
+class BatchWidget(Container):
+    """Segment many files with a model file, streamed a few slices at a time (volumes larger
+    than memory work); masks and ``segment.csv`` go to the output folder, Dice per volume
+    appears in the table when label files are given (same order as the images)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.images = FileEdit(mode="rm", label="images")
+        self.labels_files = FileEdit(mode="rm", label="labels (optional)")
+        self.labels_files.tooltip = "one label file per image, in the same order"
+        self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
+        self.out_dir = FileEdit(mode="d", label="output folder")
+        self.foreground_value = LineEdit(value="", label="foreground value")
+        self.foreground_value.tooltip = "label value scored; empty: every non-zero label"
+        self.threshold = FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, label="threshold")
+        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.integer = CheckBox(value=False, text="integer arithmetic (CPU)", label="integer")
+        self.open_masks = CheckBox(value=False, text="open each mask as a layer", label="show")
+        self.start = PushButton(text="Segment all")
+        self.stop = PushButton(text="Stop", enabled=False)
+        self.status = Label(value="", label="status")
+        self.table = Table(value=[[]])
+        self.extend(
+            [
+                self.images,
+                self.labels_files,
+                self.model_file,
+                self.out_dir,
+                self.foreground_value,
+                self.threshold,
+                self.device,
+                self.integer,
+                self.open_masks,
+                self.start,
+                self.stop,
+                self.status,
+                self.table,
+            ]
+        )
+        self.persist = Persistent(
+            "batch", {"threshold": self.threshold, "device": self.device, "integer": self.integer}
+        )
+        self.start.clicked.connect(self.run)
+        self.stop.clicked.connect(lambda: self.worker and self.worker.quit())
+        self.results: list[SegmentedFile] = []
+        self.worker: GeneratorWorker | None = None
+
+    def _paths(self, widget: FileEdit) -> list[str]:
+        value = widget.value
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        return [str(p) for p in paths if str(p) not in ("", ".")]
+
+    def run(self) -> None:
+        """Segment every image in a worker thread (the *Segment all* button)."""
+        try:
+            images = self._paths(self.images)
+            labels = self._paths(self.labels_files) or None
+            out_dir = str(self.out_dir.value)
+            if out_dir in ("", "."):
+                raise ValueError("choose an output folder for the masks")
+            model = str(self.model_file.value)
+            if not Path(model).is_file():
+                raise ValueError(f"{model}: choose a model file (.safetensors)")
+            items = plan_batch(images, out_dir, labels)
+            foreground = self.foreground_value.value.strip()
+            value = int(foreground) if foreground else None
+            config = InferConfig(threshold=self.threshold.value, integer=self.integer.value)
+        except ValueError as error:
+            notify_error(error)
+            return
+        self.results = []
+        self.table.value = [[]]
+        self.status.value = f"0 of {len(items)} volumes"
+
+        def work() -> Iterator[SegmentedFile]:
+            yield from segment_batch(model, items, config, self.device.value, value)
+
+        progress = {"total": len(items), "desc": "Segmenting volumes"}
+        self.worker = thread_worker(work, progress=progress, ignore_errors=True)()
+        self.worker.yielded.connect(self._show)
+        self.worker.errored.connect(notify_error)
+        self.worker.finished.connect(lambda: self._finish(out_dir, len(items)))
+        self.start.enabled, self.stop.enabled = False, True
+        self.worker.start()
+
+    def _show(self, result: SegmentedFile) -> None:
+        self.results.append(result)
+        rows = [result.row() for result in self.results]
+        self.table.value = {
+            "data": [
+                [row[k] for k in ("dice_volume", "foreground_voxels", "error")] for row in rows
+            ],
+            "index": [Path(row["image"]).name for row in rows],
+            "columns": ["Dice", "foreground voxels", "error"],
+        }
+        if result.error is None and self.open_masks.value:
+            for data, meta, _ in read_layers(result.out):
+                self._viewer.add_labels(data, **meta)
+
+    def _finish(self, out_dir: str, total: int) -> None:
+        self.start.enabled, self.stop.enabled = True, False
+        failed = sum(r.error is not None for r in self.results)
+        if self.results:  # what finished is kept even when stopped part-way
+            try:
+                write_scores_csv(Path(out_dir) / CSV_NAME, self.results)
+            except OSError as error:
+                notify_error(error)
+        self.status.value = (
+            f"{len(self.results)} of {total} volumes done, {failed} failed; "
+            f"masks and {CSV_NAME} in {out_dir}"
+        )
+        self.worker = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The CSV rows of the finished volumes."""
+        return [result.row() for result in self.results]
