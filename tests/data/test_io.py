@@ -124,6 +124,33 @@ def test_dicom_series_in_hounsfield_units_sorted_by_position(tmp_path: Path) -> 
     assert np.allclose(volume.affine[:3, 3], [0, 0, 2.5])
 
 
+def test_dicom_series_stream_reads_pixels_only_of_the_slices_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydicom
+
+    from napari_unetquant.data.stream import open_volume
+
+    hu = np.random.default_rng(1).integers(-1000, 1000, (6, 6, 5)).astype(np.int16)
+    _write_dicom_series(tmp_path / "scan", hu)
+    eager = read_volume(tmp_path / "scan")
+    pixels_read: list[str] = []
+    original = pydicom.dcmread
+
+    def counting(file: object, *args: object, **kwargs: object) -> object:
+        if not kwargs.get("stop_before_pixels"):
+            pixels_read.append(Path(str(file)).name)
+        return original(file, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    with open_volume(tmp_path / "scan") as source:
+        assert pixels_read == [] and source.shape == eager.shape
+        assert np.array_equal(source.slices(2, 4), eager.array[2:4])
+        assert len(pixels_read) == 2  # two files' pixels, not the series'
+        assert source.spacing == eager.spacing
+        assert source.affine is not None and np.array_equal(source.affine, eager.affine)
+
+
 def test_labels_in_another_orientation_are_brought_onto_the_image(
     shared_data: Path, tmp_path: Path
 ) -> None:

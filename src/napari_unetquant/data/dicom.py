@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, Volume
+from .stream import SliceSource
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -29,26 +30,27 @@ def _import_pydicom() -> Any:
     return pydicom
 
 
-def _images(folder: Path, files: list[Path]) -> list[Any]:
+def _headers(folder: Path, files: list[Path]) -> list[tuple[Path, Any]]:
+    """The image files of one series with their headers (pixels are not read here)."""
     pydicom = _import_pydicom()
-    datasets = []
+    headers = []
     for file in files:
         try:
-            dataset = pydicom.dcmread(file)
+            dataset = pydicom.dcmread(file, stop_before_pixels=True)
         except Exception:  # not DICOM: ignore stray files such as notes
             continue
-        if "PixelData" in dataset:
-            datasets.append(dataset)
-    if not datasets:
+        if "Rows" in dataset and "Columns" in dataset:  # an image, not a report or a DICOMDIR
+            headers.append((file, dataset))
+    if not headers:
         raise InputError(
             f"{folder}: no images found; give a folder of DICOM files or of PNG/JPEG/TIFF slices"
         )
-    series = {getattr(ds, "SeriesInstanceUID", "") for ds in datasets}
+    series = {getattr(ds, "SeriesInstanceUID", "") for _, ds in headers}
     if len(series) > 1:
         raise InputError(
             f"{folder}: holds {len(series)} DICOM series; put each series in its own folder"
         )
-    return datasets
+    return headers
 
 
 def _geometry(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,32 +83,51 @@ def _affine(first: Any, last: Any, count: int) -> np.ndarray:
     return affine
 
 
-def read_dicom_series(folder: Path, files: list[Path]) -> Volume:
-    """Read the DICOM images in ``folder`` as one volume, slices ordered along their normal.
+def open_dicom_series(folder: Path, files: list[Path]) -> SliceSource:
+    """The DICOM images in ``folder`` as one streamed volume, slices ordered along their
+    normal; headers are read now, pixels a run of slices at a time.
 
     Pixel values are rescaled to physical units (Hounsfield units for CT) with
     ``RescaleSlope`` and ``RescaleIntercept``; the spacing comes from ``PixelSpacing``.
     """
-    datasets = _images(folder, files)
-    normal = _geometry(datasets[0])[2]
-    datasets.sort(key=lambda ds: _position(ds, normal))
-    try:
-        slices = [
-            ds.pixel_array.astype(np.float32).T * float(getattr(ds, "RescaleSlope", 1))
-            + float(getattr(ds, "RescaleIntercept", 0))
-            for ds in datasets
-        ]
-        array = np.stack(slices)
-    except Exception as error:
-        raise InputError(
-            f"{folder}: DICOM pixel data could not be decoded or the slices differ in size "
-            f"({type(error).__name__}: {error})"
-        ) from error
-    affine = _affine(datasets[0], datasets[-1], len(datasets))
-    spacing = getattr(datasets[0], "PixelSpacing", None)
-    return Volume(
-        array,
+    headers = _headers(folder, files)
+    normal = _geometry(headers[0][1])[2]
+    headers.sort(key=lambda pair: _position(pair[1], normal))
+    first, last = headers[0][1], headers[-1][1]
+    plane = (int(first.Columns), int(first.Rows))  # NIfTI order: i along a DICOM row
+    pydicom = _import_pydicom()
+
+    def read(start: int, stop: int) -> np.ndarray:
+        slices = []
+        for file, header in headers[start:stop]:
+            try:
+                pixels = pydicom.dcmread(file).pixel_array.astype(np.float32).T
+            except Exception as error:
+                raise InputError(
+                    f"{file}: DICOM pixel data could not be decoded ({type(error).__name__}: "
+                    f"{error}); check that the file is complete"
+                ) from error
+            if pixels.shape != plane:
+                raise InputError(
+                    f"{file}: a {pixels.shape[1]} x {pixels.shape[0]} slice in a series of "
+                    f"{plane[1]} x {plane[0]} slices; a series must hold slices of one size"
+                )
+            slope = float(getattr(header, "RescaleSlope", 1))
+            slices.append(pixels * slope + float(getattr(header, "RescaleIntercept", 0)))
+        return np.stack(slices)
+
+    spacing = getattr(first, "PixelSpacing", None)
+    return SliceSource(
+        (len(headers), *plane),
+        np.dtype(np.float32),
+        read,
         spacing=(float(spacing[1]), float(spacing[0])) if spacing is not None else None,
-        affine=affine,
+        affine=_affine(first, last, len(headers)),
         source=str(folder),
     )
+
+
+def read_dicom_series(folder: Path, files: list[Path]) -> Volume:
+    """The whole series of :func:`open_dicom_series` in memory."""
+    source = open_dicom_series(folder, files)
+    return Volume(source.slices(0, source.shape[0]), source.spacing, source.affine, source.source)

@@ -124,8 +124,9 @@ def volume_source(volume: Volume) -> SliceSource:
 def open_volume(path: str | Path) -> SliceSource:
     """Open an image without reading its pixels: multi-page TIFF, NIfTI (``.nii`` reads only
     the slices asked for; ``.nii.gz`` decompresses forward as slices are asked for in order), a
-    folder of PNG/JPEG/TIFF slices, a zarr array (``.zarr``, needs ``zarr``) or ``.npy``.
-    Other inputs (a single picture, a DICOM series) are read whole."""
+    DICOM series or a folder of PNG/JPEG/TIFF slices (files read as their slices are asked
+    for), a zarr array (``.zarr``, needs ``zarr``) or ``.npy``. Single pictures are read
+    whole."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path")
@@ -224,8 +225,17 @@ def _natural_key(path: Path) -> list[object]:
 def _open_folder(path: Path) -> SliceSource:
     files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
     slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
-    if not slices or len(slices) != len(files):  # DICOM (or anything mixed): the eager reader
-        return volume_source(read_volume(path))
+    others = [f for f in files if f not in slices]
+    if others:  # a DICOM series (which wins over stray pictures, as in the eager reader)
+        from .dicom import open_dicom_series
+
+        try:
+            return open_dicom_series(path, others)
+        except InputError:
+            if not slices:
+                raise
+    if not slices:
+        return volume_source(read_volume(path))  # the eager reader's error for an empty folder
     first = read_volume(slices[0]).array
     if first.shape[0] != 1:
         return volume_source(read_volume(path))
