@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO, TypeVar
@@ -123,7 +124,19 @@ def _default(value: Number | None, default: Number) -> Number:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Train; under torchrun, data-parallel over its processes (the first one reports)."""
+    from .train.distributed import Torchrun, check_batch_size, process_group
+
+    launch = Torchrun.from_environment()
+    if launch is not None:  # fail before joining the others
+        check_batch_size(args.batch_size, launch.world_size)
+    with process_group(args.device):
+        return _train(args, launch is None or launch.writes_files)
+
+
+def _train(args: argparse.Namespace, reports: bool) -> int:
     from .jobs import TrainJob, train_model
+
 
     job = TrainJob(
         images=tuple(args.images),
@@ -158,15 +171,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = None
     try:
         for event in train_model(job):
-            _progress(event)
+            if reports:
+                _progress(event)
             best = getattr(event, "best_dice", best)
     except KeyboardInterrupt:
+        if not reports:
+            return EXIT_INTERRUPTED
         print(
             f"unetquant train: interrupted; the best model so far is in {args.out} "
             f"(continue with the same command and --resume)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if not reports:
+        return 0
     if best is None:
         print(f"{args.out} is already complete: nothing left to train")
         return 0
@@ -464,12 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
+    command = f"unetquant {args.command}{_rank_tag()}"
     try:
         return int(args.handler(args))
     except (ValueError, OSError) as error:  # user mistakes, bad files: one line, no traceback
         message = " ".join(str(error).split())
-        print(f"unetquant {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"unetquant {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _rank_tag() -> str:
+    """`` (rank R of N)`` in a process torchrun started, so messages say which one failed."""
+    world_size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "?")
+    return f" (rank {rank} of {world_size})" if world_size not in ("", "0", "1") else ""

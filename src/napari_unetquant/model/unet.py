@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import QuantConfig, UNetConfig
+from ..quant.global_batch import current_shard, sharded_batch_norm
 from ..quant.layers import QuantConvNd, prepare
 
 
@@ -46,6 +47,8 @@ class FoldedInferenceBatchNorm(_BatchNorm):
     outputs. Training is unchanged. :class:`BatchNorm2d` and :class:`BatchNorm3d` are it."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and current_shard() is not None:  # data-parallel: whole-batch stats
+            return sharded_batch_norm(self, input)
         if self.training or self.running_mean is None:
             return super().forward(input)
         alpha, beta = fold_batch_norm(self, detach=False)  # frozen statistics, trainable affine

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import QuantizerConfig
 from . import functional as qf
+from .global_batch import batch_max, batch_sum, current_shard
 
 ROLES = ("weight", "act")
 _RUNNING_MOMENTUM = 0.1
@@ -137,15 +138,34 @@ class FixedPointQuantizer(Quantizer):
             return qf.choose_frac_bits(x, self.magnitude_bits, rule)
         if not self.training and bool(self.peak.initialized):
             return int(self.frac_bits)  # frozen: the format training last chose
-        peak = self.peak.update(x.detach().abs().amax(), self.training)
+        peak = self.peak.update(batch_max(x.detach().abs().amax()), self.training)
+        if rule == "mse" and current_shard() is not None and float(peak) > 0.0:
+            return _frac_bits_by_batch_error(_subsample(x), float(peak), self.magnitude_bits)
         return qf.frac_bits_for_peak(_subsample(x), float(peak), self.magnitude_bits, rule)
 
 
 def _subsample(x: Tensor, limit: int = 1 << 16) -> Tensor:
-    """An evenly strided sample of at most ``limit`` values (for cheap error estimates)."""
+    """An evenly strided sample of at most ``limit`` values (for cheap error estimates); of a
+    sharded batch, this share's part of the sample one process would take of the whole."""
     flat = x.detach().reshape(-1)
-    stride = max(1, flat.numel() // limit)
-    return flat[::stride]
+    shard = current_shard()
+    index, count = (shard.index, shard.count) if shard is not None else (0, 1)
+    stride = max(1, flat.numel() * count // limit)
+    return flat[-(index * flat.numel()) % stride :: stride]
+
+
+def _frac_bits_by_batch_error(sample: Tensor, peak: float, magnitude_bits: int) -> int:
+    """The ``"mse"`` choice of :func:`~.functional.frac_bits_for_peak` with the squared
+    errors summed over every share's sample (a sharded batch, positive ``peak``)."""
+    covering = qf.frac_bits_for_peak(None, peak, magnitude_bits, "max")
+    candidates = (covering, covering + 1, covering + 2)
+    errors = [
+        (qf.fixed_point_quantize(sample, magnitude_bits, frac) - sample).pow(2).sum()
+        for frac in candidates
+    ]
+    count = torch.tensor(float(sample.numel()), device=sample.device)
+    totals = batch_sum(torch.stack([*errors, count]))
+    return candidates[int(torch.argmin(totals[:3] / totals[3]))]
 
 
 class LSQQuantizer(Quantizer):
@@ -209,7 +229,11 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        mean_abs = x.detach().abs().mean(dim=self._reduce_dims(x))
+        magnitude, shard = x.detach().abs(), current_shard()
+        if self.role == "act" and shard is not None:  # the mean over the whole batch
+            mean_abs = batch_sum(magnitude.sum()) / (magnitude.numel() * shard.count)
+        else:
+            mean_abs = magnitude.mean(dim=self._reduce_dims(x))
         initial = 2.0 * mean_abs / math.sqrt(self.q_positive)
         self.step.copy_(initial.clamp_min(1e-6).reshape(self.step.shape))
         self.initialized.fill_(True)
@@ -231,11 +255,26 @@ class TernaryQuantizer(Quantizer):
         return self.channels if self.role == "weight" else 2
 
     def forward(self, x: Tensor) -> Tensor:
-        threshold, scale = qf.twn_threshold_and_scale(x, self._reduce_dims(x))
+        if self.role == "act" and current_shard() is not None:
+            threshold, scale = _batch_twn_threshold_and_scale(x)
+        else:
+            threshold, scale = qf.twn_threshold_and_scale(x, self._reduce_dims(x))
         if self.threshold is not None and self.scale is not None:
             threshold = self.threshold.update(threshold, self.training)
             scale = self.scale.update(scale, self.training)
         return qf.ternarize(x, threshold, scale, clip_gradient=self.config.clip_gradient)
+
+
+def _batch_twn_threshold_and_scale(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~.functional.twn_threshold_and_scale` over every axis of a sharded batch (the
+    per-tensor statistics of activations), as scalars."""
+    shard = current_shard()
+    count = x.numel() * (shard.count if shard is not None else 1)
+    magnitude = x.detach().abs()
+    threshold = 0.7 * batch_sum(magnitude.sum()) / count
+    above = (magnitude > threshold).to(x.dtype)
+    above_count, above_sum = batch_sum(torch.stack([above.sum(), (magnitude * above).sum()]))
+    return threshold, above_sum / above_count.clamp_min(1.0)
 
 
 class BinaryQuantizer(Quantizer):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant.global_batch import batch_sum
+
 _SMOOTH = 1.0
 
 
@@ -45,6 +47,9 @@ def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
     dims = (0, *range(2, probs.dim()))
     overlap = (probs * onehot).sum(dims)
     total = probs.sum(dims) + onehot.sum(dims)
+    # A batch shared over data-parallel processes is pooled over all of it (no-op otherwise).
+    pooled = batch_sum(torch.stack([overlap, total]))
+    overlap, total = pooled[0], pooled[1]
     return 1.0 - ((2.0 * overlap + _SMOOTH) / (total + _SMOOTH)).mean()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..data.augment import AugmentConfig, sample_crop
 from ..devices import resolve_device
 from ..infer.predict import predict_probabilities
 from ..metrics import dice_score
+from ..quant.global_batch import sharded_batch
+from .distributed import DataParallel, check_batch_size
 from .losses import bce_dice_loss, soft_dice_loss
 
 ELASTIC = AugmentConfig(elastic_alpha=8.0, elastic_sigma=6.0)  # the paper's GM setting
@@ -100,6 +103,11 @@ class Trainer:
     train, validation
         Slices to train on and to choose the best model by (``validation=None``: the best is
         chosen by Dice on the un-augmented training slices).
+
+    Built while a process group of several processes is active (``torchrun``; see
+    :mod:`.distributed`), it trains data-parallel on the group's device: every process draws
+    the same global batch of ``config.batch_size`` crops and trains on its share, so the
+    processes together take the steps one process would take.
     """
 
     def __init__(
@@ -111,8 +119,12 @@ class Trainer:
         infer: InferConfig | None = None,
     ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.parallel = DataParallel.current()
+        if self.parallel is not None:
+            check_batch_size(config.batch_size, self.parallel.world_size)
+        self.device = self.parallel.device if self.parallel else resolve_device(config.device)
         self.model = model.to(self.device)
+        self._train_model = self.parallel.wrap(model, self.device) if self.parallel else model
         self.train_set, self.validation_set = train, validation
         self.infer = infer or InferConfig(tile=max(512, config.crop))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -148,12 +160,21 @@ class Trainer:
         masks = torch.from_numpy(np.stack([c[1] for c in crops])[:, None].astype(np.float32))
         return images.to(self.device), masks.to(self.device)
 
+    def _share(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """This process's share of the global batch (all of it in a single process)."""
+        if self.parallel is None:
+            return images, masks
+        return self.parallel.share(images), self.parallel.share(masks)
+
     def _optimise(self, images: Tensor, masks: Tensor) -> float:
-        self.model.train()
+        self._train_model.train()
         try:
-            loss = self.loss_fn(self.model(images), masks)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()}")
+            with sharded_batch() if self.parallel else nullcontext():
+                loss = self.loss_fn(self._train_model(images), masks)
+            # data-parallel: the whole batch's loss, so every process stops at the same step
+            whole = self.parallel.mean(loss) if self.parallel else loss.detach()
+            if not torch.isfinite(whole):
+                raise FloatingPointError(f"the loss became {whole.item()}")
         except FloatingPointError as error:
             kept = (
                 f"the best model (step {self.best_step}) was kept"
@@ -168,7 +189,7 @@ class Trainer:
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         self.schedule.step()
-        return float(loss.detach())
+        return float(whole)
 
     def run(self) -> Iterator[Event]:
         """Train from the current step to ``config.steps``, yielding events as it goes.
@@ -179,7 +200,7 @@ class Trainer:
         start, first_step = time.perf_counter(), self.step
         while self.step < self.config.steps:
             rng = np.random.default_rng([self.config.seed, self.step])
-            loss = self._optimise(*self._batch(rng))
+            loss = self._optimise(*self._share(*self._batch(rng)))
             self.step += 1
             elapsed = time.perf_counter() - start
             remaining = self.config.steps - self.step
@@ -204,10 +225,15 @@ class Trainer:
     def validation_dice(self) -> float:
         """Mean per-slice Dice on the validation slices (training slices when there are none)."""
         slices = self.validation_set or self.train_set
+        pairs = list(zip(slices.images, slices.masks, strict=True))
+        if self.parallel:  # each process scores every N-th slice; the mean is pooled
+            pairs = pairs[self.parallel.rank :: self.parallel.world_size]
         scores = []
-        for image, mask in zip(slices.images, slices.masks, strict=True):
+        for image, mask in pairs:
             probability = predict_probabilities(self.model, image[None], self.infer, self.device)
             scores.append(dice_score(probability[0] >= self.infer.threshold, mask))
+        if self.parallel:
+            return self.parallel.mean_of_parts(scores, len(slices))
         return float(np.mean(scores))
 
     def best_model(self) -> nn.Module:
