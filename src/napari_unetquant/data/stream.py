@@ -56,8 +56,16 @@ class SliceSource:
     def slices(self, start: int, stop: int) -> np.ndarray:
         """Slices ``[start, stop)`` as an ``(stop - start, H, W)`` array."""
         start, stop = max(0, start), min(self.shape[0], stop)
-        run = np.asarray(self.read(start, stop))
-        return run.reshape(stop - start, *self.shape[1:])
+        try:
+            run = np.asarray(self.read(start, stop))
+            return run.reshape(stop - start, *self.shape[1:])
+        except InputError:
+            raise
+        except Exception as error:  # a file that ends early or is damaged part-way
+            raise InputError(
+                f"{self.source}: slices {start}-{stop - 1} could not be read "
+                f"({type(error).__name__}: {error}); check that the file is complete"
+            ) from error
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
         """Every slice in order, ``size`` at a time."""
