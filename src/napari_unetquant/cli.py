@@ -18,6 +18,7 @@ from .config import (
     FLOAT_BITS,
     LOSSES,
     METHODS,
+    SPATIAL_DIMS,
     InferConfig,
     QuantConfig,
     QuantizerConfig,
@@ -111,11 +112,12 @@ def _progress(event: object, out: TextIO | None = None) -> None:
 
 def _unet_from_args(args: argparse.Namespace) -> UNetConfig | None:
     """The network the options ask for; ``None`` when none is asked for (default or --init's)."""
-    if args.base_width is None and args.depth is None:
+    if args.base_width is None and args.depth is None and args.spatial_dims is None:
         return None
     return UNetConfig(
         base_width=_default(args.base_width, UNetConfig.base_width),
         depth=_default(args.depth, UNetConfig.depth),
+        spatial_dims=_default(args.spatial_dims, UNetConfig.spatial_dims),
     )
 
 
@@ -148,6 +150,7 @@ def _train(args: argparse.Namespace, reports: bool) -> int:
             steps=_default(args.steps, FINE_TUNE_STEPS if args.init else TrainConfig.steps),
             batch_size=args.batch_size,
             crop=args.crop,
+            crop_depth=args.crop_depth,
             learning_rate=_default(
                 args.lr, FINE_TUNE_LR if args.init else TrainConfig.learning_rate
             ),
@@ -265,6 +268,8 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
         "stored_bytes": report.stored_bytes,
         "fp32_bytes": report.fp32_bytes,
         "mean_weight_bits": report.mean_weight_bits,
+        "network": _network_text(bundle.unet),
+        "spatial_dims": bundle.unet.spatial_dims,
         "unet": asdict(bundle.unet),
         "preprocess": asdict(bundle.preprocess),
         "training": bundle.info,
@@ -279,12 +284,18 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
     )
 
 
+def _network_text(unet: UNetConfig) -> str:
+    """``2D U-Net, base width 16, depth 3``."""
+    return f"{unet.spatial_dims}D U-Net, base width {unet.base_width}, depth {unet.depth}"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     summary, table = _summary_and_table(args.model)
     if args.json:
         print(json.dumps(summary))
         return 0
-    for key in ("label", "weight_bits", "act_bits", "quantizer", "parameters", "layout"):
+    keys = ("label", "network", "weight_bits", "act_bits", "quantizer", "parameters", "layout")
+    for key in keys:
         print(f"{key:<12}{summary[key]}")
     print(
         f"{'file':<12}{summary['file_bytes']} bytes; the FP32 state_dict file of this network: "
@@ -332,8 +343,9 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     from .quant import bit_report
 
     quant = quant_config_from_args(args, default_bits=4)
-    model = build_unet(UNetConfig(base_width=args.base_width, depth=args.depth), quant)
-    print(f"{quant.label}: U-Net base width {args.base_width}, depth {args.depth}")
+    unet = UNetConfig(base_width=args.base_width, depth=args.depth, spatial_dims=args.spatial_dims)
+    model = build_unet(unet, quant)
+    print(f"{quant.label}: {_network_text(unet)}")
     print(bit_report(model).table())
     return 0
 
@@ -380,7 +392,20 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
         help=f"channels of the first level (default {UNetConfig.base_width})",
     )
     train.add_argument("--depth", type=int, help=f"pooling levels (default {UNetConfig.depth})")
+    train.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=SPATIAL_DIMS,
+        help="2: the paper's U-Net on slices (default); 3: a 3D U-Net on (--crop-depth, --crop, "
+        "--crop) patches of whole volumes",
+    )
     train.add_argument("--crop", type=int, default=TrainConfig.crop)
+    train.add_argument(
+        "--crop-depth",
+        type=int,
+        default=TrainConfig.crop_depth,
+        help=f"slices per 3D training patch (default {TrainConfig.crop_depth}; 3D U-Nets only)",
+    )
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train.add_argument(
         "--lr",
@@ -475,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_arguments(bits)
     bits.add_argument("--base-width", type=int, default=16)
     bits.add_argument("--depth", type=int, default=3)
+    bits.add_argument(
+        "--spatial-dims", type=int, choices=SPATIAL_DIMS, default=2, help="2D or 3D U-Net"
+    )
     bits.set_defaults(handler=_cmd_bits)
     return parser
 

@@ -37,8 +37,8 @@ from .train import (
     median_spacing,
     read_pairs,
     save_checkpoint,
-    slice_set,
     split_validation,
+    training_set,
 )
 from .train.distributed import first_process_file
 
@@ -116,7 +116,7 @@ def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
     """Fine-tuning keeps the network, preprocessing and object of the ``init`` model."""
     conflicts = []
     if job.unet is not None and job.unet != source.unet:
-        conflicts.append(f"network {source.unet} (leave out --base-width/--depth)")
+        conflicts.append(f"network {source.unet} (leave out --base-width/--depth/--spatial-dims)")
     if job.spacing != AUTO and job.spacing != source.preprocess.spacing:
         conflicts.append(f"spacing {source.preprocess.spacing} (leave out --spacing)")
     if job.ct_window is not None and job.ct_window != source.preprocess.ct_window:
@@ -161,8 +161,10 @@ def train_model(job: TrainJob) -> Iterator[Event]:
     else:
         train_pairs, val_pairs = split_validation(pairs)
     preprocess = _preprocess(job, pairs, start.preprocess)
-    validation = slice_set(val_pairs, preprocess) if val_pairs else None
-    trainer = Trainer(start.model, slice_set(train_pairs, preprocess), validation, job.train)
+    dims = start.unet.spatial_dims  # 3D U-Nets train on whole volumes
+    validation = training_set(val_pairs, preprocess, dims) if val_pairs else None
+    train_set = training_set(train_pairs, preprocess, dims)
+    trainer = Trainer(start.model, train_set, validation, job.train)
     identity = _identity(job, start.unet, preprocess, foreground)
     resume_file = checkpoint_path(job.out)
     writes = trainer.parallel is None or trainer.parallel.rank == 0
@@ -294,8 +296,9 @@ def start_training(
         if init is not None
         else PreprocessConfig(spacing=median_spacing(train_pairs))
     )
-    validation = slice_set(val_pairs, preprocess) if val_pairs else None
-    trainer = Trainer(model, slice_set(train_pairs, preprocess), validation, train)
+    dims = unet.spatial_dims  # 3D U-Nets train on whole volumes
+    validation = training_set(val_pairs, preprocess, dims) if val_pairs else None
+    trainer = Trainer(model, training_set(train_pairs, preprocess, dims), validation, train)
     info = {"label": quant.label, "source": image.source, "napari_unetquant": __version__}
     return TrainingRun(trainer, unet, quant, preprocess, info)
 

@@ -26,9 +26,16 @@ from . import _session
 from ._common import QUANTIZERS, Persistent, TrainingInputs, format_text, notify_error, quant_config
 from ._plot import PlotWidget
 
+NETWORKS = [("2D U-Net (slices)", 2), ("3D U-Net (volumes)", 3)]
+BATCH_3D = 2  # 3D patches (16 x 128 x 128 each) are 16 crops' worth of voxels
+
 
 class TrainWidget(TrainingInputs):
     """Train (or fine-tune) a U-Net at the chosen bit widths; Start, Stop, progress, live plot.
+
+    ``network`` chooses the paper's 2D U-Net (the default) or a 3D U-Net trained on
+    ``(16, 128, 128)`` patches of the whole stack (fine-tuning then starts from a 3D
+    full-precision model).
 
     Training runs in a napari worker thread; Stop ends it after the current step and keeps the
     best model, which joins this session's models (for the Segment widget) and can be saved.
@@ -36,6 +43,7 @@ class TrainWidget(TrainingInputs):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
+        self.network = ComboBox(choices=NETWORKS, value=2, label="network")
         self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
         self.weight_bits = SpinBox(value=4, min=1, max=8, label="weight bits")
         self.act_bits = SpinBox(value=6, min=1, max=8, label="activation bits")
@@ -55,6 +63,7 @@ class TrainWidget(TrainingInputs):
         self.save = PushButton(text="Save model", enabled=False)
         self.extend(
             [
+                self.network,
                 self.quantizer,
                 self.weight_bits,
                 self.act_bits,
@@ -78,6 +87,7 @@ class TrainWidget(TrainingInputs):
             "train",
             {
                 "width": self.network_width,
+                "spatial_dims": self.network,
                 "quantizer": self.quantizer,
                 "weight_bits": self.weight_bits,
                 "act_bits": self.act_bits,
@@ -101,7 +111,12 @@ class TrainWidget(TrainingInputs):
         )
 
     def _fp_model(self) -> SegmentationModel | None:
-        models = [m for m in _session.models().values() if m.quant.is_float]
+        dims = self.network.value  # fine-tuning keeps the network: 2D from 2D, 3D from 3D
+        models = [
+            m
+            for m in _session.models().values()
+            if m.quant.is_float and m.unet.spatial_dims == dims
+        ]
         return models[-1] if models else None
 
     def _prepare(self) -> TrainingRun:
@@ -110,16 +125,17 @@ class TrainWidget(TrainingInputs):
             self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
         )
         init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
+        dims = self.network.value
         config = TrainConfig(
             steps=self.steps.value,
+            batch_size=BATCH_3D if dims == 3 else TrainConfig.batch_size,
             validate_every=max(10, self.steps.value // 10),
             learning_rate=5e-4 if init else 1e-3,
             device=self.device.value,
         )
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
-        return start_training(
-            image, labels, quant, config, UNetConfig(base_width=self.network_width.value), init
-        )
+        unet = UNetConfig(base_width=self.network_width.value, spatial_dims=dims)
+        return start_training(image, labels, quant, config, unet, init)
 
     def run(self) -> None:
         """Start training in a worker thread (the Start button)."""

@@ -2,7 +2,9 @@
 
 Each crop is *sampled* through one coordinate map from its source slice (rotation and scale
 about the crop centre, plus an elastic displacement field), so the deformations never show
-borders and crops may be larger than small slices (the slice is mirrored).
+borders and crops may be larger than small slices (the slice is mirrored). 3D patches of
+volumes (:func:`sample_patch`) use the same in-plane map on whole slices, and may be deeper
+than the volume (its slices are mirrored too).
 """
 
 from __future__ import annotations
@@ -62,14 +64,64 @@ def sample_crop(
     """One augmented ``crop x crop`` window of a 2D ``image`` (float32) and its uint8 ``mask``,
     around ``centre`` (row, col) or, when ``None``, a random centre inside the image."""
     if centre is None:
-        height, width = image.shape
-        low = np.array([min(crop / 2, height / 2), min(crop / 2, width / 2)])
-        high = np.array([max(height - crop / 2, height / 2), max(width - crop / 2, width / 2)])
-        centre = rng.uniform(low, high) - 0.5
+        centre = _random_centre(image.shape, (crop, crop), rng)
     coordinates = _coordinates(crop, centre, config, rng)
     image_crop = ndimage.map_coordinates(image, coordinates, order=1, mode="mirror")
     mask_crop = ndimage.map_coordinates(mask, coordinates, order=0, mode="mirror")
+    return _intensity(image_crop, config, rng), mask_crop.astype(np.uint8)
+
+
+def _random_centre(
+    shape: tuple[int, ...], window: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """A random window centre (pixel coordinates, one per axis) keeping the window inside the
+    image where it fits, anywhere near the middle where it does not."""
+    size, extent = np.array(shape, np.float64), np.array(window, np.float64)
+    low = np.minimum(extent / 2, size / 2)
+    high = np.maximum(size - extent / 2, size / 2)
+    centre: np.ndarray = rng.uniform(low, high) - 0.5
+    return centre
+
+
+def _intensity(crop: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """A random gain and offset (float32 out)."""
     if config.intensity > 0:
         gain = 1.0 + rng.uniform(-1, 1) * config.intensity
-        image_crop = image_crop * gain + rng.uniform(-1, 1) * config.intensity
-    return image_crop.astype(np.float32), mask_crop.astype(np.uint8)
+        crop = crop * gain + rng.uniform(-1, 1) * config.intensity
+    result: np.ndarray = crop.astype(np.float32)
+    return result
+
+
+def sample_patch(
+    volume: np.ndarray,
+    mask: np.ndarray,
+    shape: tuple[int, int],
+    config: AugmentConfig,
+    rng: np.random.Generator,
+    centre: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented ``(depth, crop, crop)`` patch (``shape == (depth, crop)``) of a volume
+    ``(S, H, W)`` float32 and its uint8 ``mask``, around ``centre`` (slice, row, col) or, when
+    ``None``, a random centre inside the volume.
+
+    Every slice of the patch is a whole source slice (no blending between slices) taken
+    through the same in-plane map as :func:`sample_crop` (flips, 90° turns, small rotation and
+    scale); the slice order is flipped at random too. Beyond the volume's borders, slices and
+    pixels are mirrored. Elastic deformation is for 2D crops only.
+    """
+    if config.elastic_alpha > 0:
+        raise ValueError("elastic deformation is 2D only; turn it off for 3D patches")
+    depth, crop = shape
+    if centre is None:
+        centre = _random_centre(volume.shape, (depth, crop, crop), rng)
+    plane = _coordinates(crop, centre[1:], config, rng)
+    first = int(np.floor(centre[0] - (depth - 1) / 2 + 0.5))
+    slices = np.arange(first, first + depth, dtype=np.float64)
+    if config.flips and rng.integers(2):
+        slices = slices[::-1]
+    coordinates = np.empty((3, depth, crop, crop))
+    coordinates[0] = slices[:, None, None]
+    coordinates[1:] = plane[:, None]
+    image_patch = ndimage.map_coordinates(volume, coordinates, order=1, mode="mirror")
+    mask_patch = ndimage.map_coordinates(mask, coordinates, order=0, mode="mirror")
+    return _intensity(image_patch, config, rng), mask_patch.astype(np.uint8)

@@ -1,7 +1,15 @@
 """Training: losses, the trainer (a generator of progress events), data and checkpoints."""
 
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .dataset import LabelledVolume, median_spacing, read_pairs, slice_set, split_validation
+from .dataset import (
+    LabelledVolume,
+    median_spacing,
+    read_pairs,
+    slice_set,
+    split_validation,
+    training_set,
+    volume_set,
+)
 from .losses import bce_dice_loss, soft_dice_loss
 from .trainer import (
     Event,
@@ -11,6 +19,7 @@ from .trainer import (
     TrainingDiverged,
     ValidationEvent,
 )
+from .volumes import VolumeSet
 
 __all__ = [
     "Event",
@@ -20,6 +29,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "ValidationEvent",
+    "VolumeSet",
     "bce_dice_loss",
     "checkpoint_path",
     "load_checkpoint",
@@ -29,4 +39,6 @@ __all__ = [
     "slice_set",
     "soft_dice_loss",
     "split_validation",
+    "training_set",
+    "volume_set",
 ]

@@ -1,4 +1,4 @@
-"""From image and label files to training and validation slices."""
+"""From image and label files to training and validation slices (or volumes, for 3D U-Nets)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..config import PreprocessConfig
 from ..data.io import Volume, labels_on_image_grid, read_volume
 from ..data.preprocess import foreground_mask, network_input, network_mask
 from .trainer import SliceSet
+from .volumes import VolumeSet
 
 VALIDATION_FRACTION = 0.15
 
@@ -75,6 +76,22 @@ def slice_set(pairs: list[LabelledVolume], config: PreprocessConfig) -> SliceSet
         for pair in pairs
     ]
     return SliceSet.concat(parts)
+
+
+def volume_set(pairs: list[LabelledVolume], config: PreprocessConfig) -> VolumeSet:
+    """Every volume of ``pairs`` whole, resampled and normalised as the network will see it."""
+    return VolumeSet.from_volumes(
+        [network_input(pair.image, config) for pair in pairs],
+        [network_mask(pair.mask, pair.image, config) for pair in pairs],
+    )
+
+
+def training_set(
+    pairs: list[LabelledVolume], config: PreprocessConfig, spatial_dims: int = 2
+) -> SliceSet | VolumeSet:
+    """What a U-Net of ``spatial_dims`` trains and is validated on: the slices of ``pairs``
+    (2D) or the whole volumes (3D)."""
+    return volume_set(pairs, config) if spatial_dims == 3 else slice_set(pairs, config)
 
 
 def split_validation(

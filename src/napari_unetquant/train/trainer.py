@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from ..config import InferConfig, TrainConfig
 from ..data.augment import AugmentConfig, sample_crop
 from ..devices import resolve_device
-from ..infer.predict import predict_probabilities
+from ..infer.predict import predict_probabilities, spatial_dims
 from ..metrics import dice_score
 from ..quant.global_batch import sharded_batch
 from .distributed import DataParallel, check_batch_size
 from .losses import bce_dice_loss, soft_dice_loss
+from .volumes import VolumeSet, check_volumetric, volume_batch
 
 ELASTIC = AugmentConfig(elastic_alpha=8.0, elastic_sigma=6.0)  # the paper's GM setting
 
@@ -102,7 +103,9 @@ class Trainer:
         The (quantized) U-Net; trained in place, on ``config.device``.
     train, validation
         Slices to train on and to choose the best model by (``validation=None``: the best is
-        chosen by Dice on the un-augmented training slices).
+        chosen by Dice on the un-augmented training slices). A 3D U-Net takes whole volumes
+        (:class:`~napari_unetquant.train.VolumeSet`): it trains on 3D patches and is scored by
+        Dice per volume.
 
     Built while a process group of several processes is active (``torchrun``; see
     :mod:`.distributed`), it trains data-parallel on the group's device: every process draws
@@ -113,8 +116,8 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        train: SliceSet,
-        validation: SliceSet | None,
+        train: SliceSet | VolumeSet,
+        validation: SliceSet | VolumeSet | None,
         config: TrainConfig,
         infer: InferConfig | None = None,
     ) -> None:
@@ -126,6 +129,7 @@ class Trainer:
         self.model = model.to(self.device)
         self._train_model = self.parallel.wrap(model, self.device) if self.parallel else model
         self.train_set, self.validation_set = train, validation
+        self.volumetric = check_volumetric(spatial_dims(model), train, validation, config)
         self.infer = infer or InferConfig(tile=max(512, config.crop))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -151,6 +155,10 @@ class Trainer:
         return centre
 
     def _batch(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        if isinstance(self.train_set, VolumeSet):  # a 3D U-Net: patches of whole volumes
+            arrays = volume_batch(self.train_set, self._foreground, self.config, self.augment, rng)
+            images, masks = (torch.from_numpy(array).to(self.device) for array in arrays)
+            return images, masks
         crops = []
         for i in rng.integers(len(self.train_set), size=self.config.batch_size):
             image, mask = self.train_set.images[i], self.train_set.masks[i]
@@ -223,18 +231,24 @@ class Trainer:
         )
 
     def validation_dice(self) -> float:
-        """Mean per-slice Dice on the validation slices (training slices when there are none)."""
+        """Mean per-slice Dice on the validation slices (training slices when there are none);
+        a 3D U-Net's is the mean Dice per volume."""
         slices = self.validation_set or self.train_set
         pairs = list(zip(slices.images, slices.masks, strict=True))
         if self.parallel:  # each process scores every N-th slice; the mean is pooled
             pairs = pairs[self.parallel.rank :: self.parallel.world_size]
         scores = []
         for image, mask in pairs:
-            probability = predict_probabilities(self.model, image[None], self.infer, self.device)
-            scores.append(dice_score(probability[0] >= self.infer.threshold, mask))
+            scores.append(self._dice(image, mask))
         if self.parallel:
             return self.parallel.mean_of_parts(scores, len(slices))
         return float(np.mean(scores))
+
+    def _dice(self, image: np.ndarray, mask: np.ndarray) -> float:
+        """Dice of the prediction of one slice ``(H, W)`` or, 3D, one volume ``(S, H, W)``."""
+        stack = image if self.volumetric else image[None]
+        probability = predict_probabilities(self.model, stack, self.infer, self.device)
+        return dice_score(probability.reshape(mask.shape) >= self.infer.threshold, mask)
 
     def best_model(self) -> nn.Module:
         """A copy of the model with the best validation weights, on the CPU, in eval mode."""
