@@ -12,11 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from .config import (
     FLOAT_BITS,
     LOSSES,
+    MASK_FORMATS,
     METHODS,
     SPATIAL_DIMS,
     InferConfig,
@@ -139,7 +140,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, reports: bool) -> int:
     from .jobs import TrainJob, train_model
 
-
     job = TrainJob(
         images=tuple(args.images),
         labels=tuple(args.labels),
@@ -202,12 +202,86 @@ def _infer_config(args: argparse.Namespace) -> InferConfig:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .jobs import segment_to_file
 
-    segmentation = segment_to_file(
-        args.model, args.image, args.out, _infer_config(args), args.device
-    )
-    foreground = int(segmentation.mask.sum())
-    print(f"wrote {args.out}: {segmentation.mask.shape} mask, {foreground} foreground pixels")
+    batch = args.images or args.input_dir
+    if batch:
+        if args.image or args.out:
+            raise ValueError("give either --image and --out, or batch options with --out-dir")
+        return _segment_batch(args)
+    batch_only = ("out_dir", "labels", "labels_dir", "csv", "dask_scheduler", "foreground_value")
+    used = [f"--{name.replace('_', '-')}" for name in batch_only if getattr(args, name)]
+    if used:
+        raise ValueError(f"{', '.join(used)} need --images or --input-dir (batch mode)")
+    if not (args.image and args.out):
+        raise ValueError("give --image and --out (or --images/--input-dir with --out-dir)")
+    result = segment_to_file(args.model, args.image, args.out, _infer_config(args), args.device)
+    print(f"wrote {args.out}: {result.shape} mask, {result.foreground} foreground pixels")
     return 0
+
+
+def _segment_batch(args: argparse.Namespace) -> int:
+    """``segment`` over many volumes: masks into ``--out-dir``, one CSV row per volume."""
+    from pathlib import Path
+
+    from .batch import list_volumes, plan_batch, segment_batch, write_scores_csv
+
+    if not args.out_dir:
+        raise ValueError("batch mode writes into a folder: give --out-dir")
+    if args.images and args.input_dir:
+        raise ValueError("give --images or --input-dir, not both")
+    if args.labels and args.labels_dir:
+        raise ValueError("give --labels or --labels-dir, not both")
+    images = args.images or list_volumes(args.input_dir)
+    items = plan_batch(images, args.out_dir, args.labels, args.labels_dir, args.out_format)
+    client = _dask_client(args.dask_scheduler) if args.dask_scheduler else None
+    order = {item.image: index for index, item in enumerate(items)}
+    results = []
+    try:
+        config = _infer_config(args)
+        runs = segment_batch(args.model, items, config, args.device, args.foreground_value, client)
+        for done, result in enumerate(runs, start=1):
+            results.append(result)
+            if result.error:
+                print(f"[{done}/{len(items)}] {result.image}: error: {result.error}")
+                continue
+            dice = f", Dice {result.scores.dice_volume:.4f}" if result.scores else ""
+            print(
+                f"[{done}/{len(items)}] {result.image} -> {result.out}: {result.shape} mask, "
+                f"{result.foreground} foreground voxels{dice} ({result.seconds:.1f} s)"
+            )
+    finally:
+        if client is not None:
+            client.close()
+        if results:  # what finished is reported even when the rest was interrupted
+            results.sort(key=lambda r: order[r.image])
+            csv_path = args.csv or str(Path(args.out_dir) / "segment.csv")
+            write_scores_csv(csv_path, results)
+            print(f"wrote {csv_path}")
+    failed = [r for r in results if r.error]
+    scored = [r.scores for r in results if r.scores is not None]
+    if scored:
+        from .metrics import SegmentationScores
+
+        print(f"volume Dice {SegmentationScores.pooled(scored).dice_volume:.4f} over all voxels")
+    if failed:
+        print(f"{len(failed)} of {len(items)} volume(s) failed (see the CSV)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _dask_client(address: str) -> Any:
+    try:
+        from distributed import Client
+    except ImportError as error:
+        raise ValueError(
+            "--dask-scheduler needs dask.distributed: pip install 'napari-unetquant[cluster]'"
+        ) from error
+    try:
+        return Client(address, timeout=30)  # type: ignore[no-untyped-call]
+    except OSError as error:
+        raise ValueError(
+            f"no dask scheduler answered at {address} ({error}); start one "
+            f"(dask scheduler) or check the address"
+        ) from error
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -450,10 +524,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_parser(commands)
 
-    segment = commands.add_parser("segment", help="segment an image with a model file")
+    segment = commands.add_parser(
+        "segment",
+        help="segment an image (--image, --out) or many (--images/--input-dir, --out-dir)",
+    )
     segment.add_argument("--model", required=True)
-    segment.add_argument("--image", required=True, metavar="PATH")
-    segment.add_argument("--out", required=True, metavar="PATH", help=".tif/.tiff or .nii/.nii.gz")
+    segment.add_argument("--image", metavar="PATH", help="one image to segment")
+    segment.add_argument("--out", metavar="PATH", help="its mask: .tif/.tiff or .nii/.nii.gz")
+    batch = segment.add_argument_group("batch mode: many volumes, masks into --out-dir")
+    batch.add_argument("--images", nargs="+", metavar="PATH", help="volumes to segment")
+    batch.add_argument("--input-dir", metavar="DIR", help="segment every volume in this folder")
+    batch.add_argument("--out-dir", metavar="DIR", help="where the masks and the CSV go")
+    batch.add_argument(
+        "--labels", nargs="+", metavar="PATH", help="labels per image (same order): Dice in the CSV"
+    )
+    batch.add_argument(
+        "--labels-dir", metavar="DIR", help="labels named like the images: Dice in the CSV"
+    )
+    batch.add_argument("--foreground-value", type=int, metavar="V", help="label value scored")
+    batch.add_argument("--csv", metavar="PATH", help="the CSV's path (default OUT_DIR/segment.csv)")
+    batch.add_argument(
+        "--out-format",
+        choices=MASK_FORMATS,
+        default="same",
+        help="mask files: same (as the image when TIFF/NIfTI, else .tif) or this suffix",
+    )
+    batch.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="run the volumes on a dask.distributed cluster (e.g. tcp://host:8786)",
+    )
     _add_infer_arguments(segment)
     segment.set_defaults(handler=_cmd_segment)
 

@@ -8,21 +8,21 @@ caller shows progress and may stop it between steps; the best model is on disk b
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from . import __version__
-from .batch import SegmentedFile, segment_to_path
+from .batch import SegmentedFile, label_mask, segment_to_path
 from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
 from .data.io import Volume
-from .data.stream import open_volume
+from .data.stream import SliceSource, open_volume, volume_source
 from .devices import resolve_device
-from .infer.predict import segment_volume
+from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
 from .model import build_unet
 from .modelio import SegmentationModel, load_model, save_model
@@ -43,6 +43,7 @@ from .train import (
 from .train.distributed import first_process_file
 
 AUTO = "auto"
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -366,21 +367,35 @@ def _inference_device(device: str, config: InferConfig) -> torch.device:
 
 
 def segment_array(
-    bundle: SegmentationModel, volume: Volume, config: InferConfig, device: str = "auto"
-) -> Segmentation:
-    """Segment an in-memory volume on its own grid."""
+    bundle: SegmentationModel,
+    image: Volume | SliceSource,
+    config: InferConfig,
+    device: str = "auto",
+) -> Generator[int, None, np.ndarray]:
+    """Segment an image held or opened in memory (a layer's NumPy or dask data) into a uint8
+    mask on its own grid, slice run by slice run: yields the number of slices done as they
+    finish and returns the ``(S, H, W)`` mask (``mask = yield from segment_array(...)``, or
+    :func:`consume`)."""
+    source = image if isinstance(image, SliceSource) else volume_source(image)
     target = _inference_device(device, config)
     bundle.model.to(target)
-    probabilities = segment_volume(bundle, volume, config, target)
-    return Segmentation(probabilities, (probabilities >= config.threshold).astype(np.uint8))
+    mask = np.empty(source.shape, np.uint8)
+    done = 0
+    for probabilities in segment_source(bundle, source, config, target):
+        mask[done : done + len(probabilities)] = probabilities >= config.threshold
+        for _ in probabilities:  # one step per slice, for progress bars
+            done += 1
+            yield done
+    return mask
 
 
-@dataclass(frozen=True)
-class Segmentation:
-    """Probabilities and mask ``(S, H, W)`` on the image's own grid."""
-
-    probabilities: np.ndarray
-    mask: np.ndarray
+def consume(steps: Generator[Any, None, Result]) -> Result:
+    """Run a generator of progress steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 def segment_to_file(
@@ -407,14 +422,25 @@ def evaluate_files(
     config: InferConfig,
     device: str = "auto",
 ) -> list[SegmentationScores]:
-    """Scores of each image's segmentation against its labels, on the original grid."""
-    pairs = read_pairs(images, labels, foreground_value=foreground_value, require_foreground=False)
+    """Scores of each image's segmentation against its labels, on the original grid (each
+    image streamed a few slices at a time; its labels are held as a uint8 mask)."""
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{len(images)} image path(s) but {len(labels)} label path(s); give one label file "
+            f"per image, in the same order"
+        )
     target = _inference_device(device, config)
     bundle.model.to(target)
     scores = []
-    for pair in pairs:
-        probabilities = segment_volume(bundle, pair.image, config, target)
-        scores.append(segmentation_scores(probabilities >= config.threshold, pair.mask))
+    for image, label in zip(images, labels, strict=True):
+        with open_volume(image) as source:
+            truth = label_mask(label, source, foreground_value)
+            parts, done = [], 0
+            for probabilities in segment_source(bundle, source, config, target):
+                mask = probabilities >= config.threshold
+                parts.append(segmentation_scores(mask, truth[done : done + len(mask)]))
+                done += len(mask)
+        scores.append(SegmentationScores.pooled(parts))
     return scores
 
 
