@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from napari_unetquant.cli import main
+from napari_unetquant.config import InferConfig
+from napari_unetquant.data import read_volume
+from napari_unetquant.infer import segment_volume
 from napari_unetquant.modelio import load_model
 
 FAST_3D = [
@@ -147,3 +151,11 @@ def test_segment_with_a_3d_model_and_refuse_integer(
     assert nib.load(out).shape == nib.load(image).shape
     code, _, err = _run([*argv, "--integer"], capsys)
     assert code == 2 and "this model is 3D: drop --integer" in err
+
+    # small boxes: the volume streams through several overlapping windows along every axis
+    boxed = tmp_path / "boxed.nii.gz"
+    code, _, err = _run([*argv[:-1], str(boxed), "--tile-3d", "4", "16", "16"], capsys)
+    assert code == 0, err
+    config = InferConfig(tile_3d=(4, 16, 16))
+    expected = segment_volume(load_model(model_3d), read_volume(image), config, "cpu") >= 0.5
+    assert np.array_equal(read_volume(boxed).array, expected)

@@ -196,7 +196,12 @@ def _train(args: argparse.Namespace, reports: bool) -> int:
 
 
 def _infer_config(args: argparse.Namespace) -> InferConfig:
-    return InferConfig(tile=args.tile, threshold=args.threshold, integer=args.integer)
+    return InferConfig(
+        tile=args.tile,
+        tile_3d=tuple(args.tile_3d),
+        threshold=args.threshold,
+        integer=args.integer,
+    )
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -428,6 +433,14 @@ def _add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     parser.add_argument(
         "--tile", type=int, default=InferConfig.tile, help="sliding-window tile size (px)"
+    )
+    parser.add_argument(
+        "--tile-3d",
+        type=int,
+        nargs=3,
+        default=InferConfig.tile_3d,
+        metavar=("SLICES", "ROWS", "COLS"),
+        help="sliding-window box of 3D U-Nets",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument(

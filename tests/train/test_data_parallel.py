@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -131,32 +133,27 @@ def test_a_nan_on_one_process_stops_every_process(two_process_runs: Path) -> Non
 def test_torchrun_cli_trains_once_and_only_the_first_process_writes(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    gm = shared_data / "spinal-gm-tiny"
-    out = tmp_path / "dp.safetensors"
-    result = _torchrun(
-        "-m",
-        "napari_unetquant",
-        "train",
-        "--images",
-        str(gm / "t2s.nii.gz"),
-        "--labels",
-        str(gm / "t2s_gmseg_manual.nii.gz"),
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--validate-every",
-        "2",
-        *SMALL,
-        cwd=tmp_path,
-    )
+    """The README's torchrun command, as written, on the real ISBI files it names (linked into
+    an empty folder), made short by options appended to it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(r"^torchrun --standalone .*?(?<!\\)$", readme, flags=re.M | re.S)
+    assert match, "the README shows a single-machine torchrun command"
+    words = shlex.split(match.group(0).replace("\\\n", " "))
+    assert words[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    for name in ("train-volume.tif", "train-labels.tif"):
+        (tmp_path / name).symlink_to(shared_data / "isbi2012" / name)
+    fast = ["--steps", "4", "--batch-size", "4", "--validate-every", "2", *SMALL]
+    result = _torchrun(*words[4:], *fast, cwd=tmp_path)
+    out = tmp_path / "fp.safetensors"
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved ") == 1
     assert result.stderr.count("step 2/4  validation Dice") == 1
     assert result.stderr.count("step 4/4  validation Dice") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fp.safetensors",
+        "train-labels.tif",
+        "train-volume.tif",
+    ]
     bundle = load_model(out)
     assert bundle.info["best_step"] in (2, 4) and bundle.unet.base_width == 4
 
