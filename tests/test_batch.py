@@ -192,3 +192,14 @@ def test_a_local_dask_cluster_of_two_workers_writes_the_same_masks(
     local_rows, remote_rows = _rows(local / "segment.csv"), _rows(remote / "segment.csv")
     for a, b in zip(local_rows, remote_rows, strict=True):
         assert (a["image"], a["dice_volume"]) == (b["image"], b["dice_volume"])
+
+
+def test_masks_written_inside_the_input_folder_are_not_segmented_again(
+    model_file: Path, volumes: tuple[Path, Path]
+) -> None:
+    images, _ = volumes
+    argv = ["segment", "--model", str(model_file), "--input-dir", str(images)]
+    for _ in range(2):  # the second run lists the folder with masks/ inside it
+        assert main([*argv, "--out-dir", str(images / "masks")]) == 0
+        rows = _rows(images / "masks" / "segment.csv")
+        assert [Path(r["image"]).name for r in rows] == ["a.tif", "b.nii.gz", "c"]

@@ -193,30 +193,34 @@ def plan_batch(
             f"image, in the same order (or a labels folder)"
         )
     outs = [str(Path(out_dir) / (_stem(i) + _mask_suffix(i, out_format))) for i in images]
-    clashes = sorted({o for o in outs if outs.count(o) > 1})
-    if clashes:
-        raise InputError(
-            f"several images would write {clashes[0]}; give images with different names"
-        )
+    seen: set[str] = set()
+    for out in outs:
+        if out in seen:
+            raise InputError(f"several images would write {out}; give images with different names")
+        seen.add(out)
+    written = {Path(out).resolve() for out in outs}
+    for image in images:
+        if Path(image).resolve() in written:
+            raise InputError(f"{image} would be overwritten by a mask; choose another --out-dir")
     matched: list[str | None] = list(labels) if labels is not None else [None] * len(images)
     if labels_dir is not None:
-        matched = [_find_labels(image, labels_dir) for image in images]
-    for image in images:
-        if Path(image).resolve() in {Path(o).resolve() for o in outs}:
-            raise InputError(
-                f"{image} would be overwritten by its own mask; choose another --out-dir"
-            )
+        if not Path(labels_dir).is_dir():
+            raise InputError(f"{labels_dir}: no such folder of labels; check --labels-dir")
+        by_stem: dict[str, list[Path]] = {}
+        for path in Path(labels_dir).iterdir():
+            by_stem.setdefault(_stem(str(path)), []).append(path)
+        matched = [
+            _only_labels(image, by_stem.get(_stem(image), []), labels_dir) for image in images
+        ]
     return [BatchItem(i, o, lab) for i, o, lab in zip(images, outs, matched, strict=True)]
 
 
-def _find_labels(image: str, folder: str | Path) -> str:
-    stem = _stem(image)
-    found = [p for p in Path(folder).iterdir() if _stem(str(p)) == stem]
+def _only_labels(image: str, found: list[Path], folder: str | Path) -> str:
     if len(found) != 1:
         what = "no file" if not found else f"{len(found)} files"
         raise InputError(
-            f"{folder}: {what} named {stem} (any suffix) to score {image} against; give one "
-            f"label file per image with the image's name"
+            f"{folder}: {what} named {_stem(image)} (any suffix) to score {image} against; give "
+            f"one label file per image with the image's name"
         )
     return str(found[0])
 

@@ -235,7 +235,9 @@ def _segment_batch(args: argparse.Namespace) -> int:
         raise ValueError("give --images or --input-dir, not both")
     if args.labels and args.labels_dir:
         raise ValueError("give --labels or --labels-dir, not both")
-    images = args.images or list_volumes(args.input_dir)
+    out_dir = Path(args.out_dir).resolve()
+    listed = list_volumes(args.input_dir) if args.input_dir else []
+    images = args.images or [i for i in listed if Path(i).resolve() != out_dir]  # not the masks
     items = plan_batch(images, args.out_dir, args.labels, args.labels_dir, args.out_format)
     client = _dask_client(args.dask_scheduler) if args.dask_scheduler else None
     order = {item.image: index for index, item in enumerate(items)}
