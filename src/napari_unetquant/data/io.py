@@ -200,14 +200,20 @@ def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _read_folder(path: Path) -> Volume:
+def folder_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """A folder's picture/TIFF slices and its other files (a DICOM series), in natural name
+    order; an empty folder is refused."""
     files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
-    slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
-    others = [f for f in files if f not in slices]
     if not files:
         raise InputError(
             f"{path}: no images found; give a folder of DICOM files or of PNG/JPEG/TIFF slices"
         )
+    slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
+    return slices, [f for f in files if f not in slices]
+
+
+def _read_folder(path: Path) -> Volume:
+    slices, others = folder_files(path)
     if others:  # DICOM files win over stray pictures (thumbnails) in a scan's folder
         from .dicom import read_dicom_series
 

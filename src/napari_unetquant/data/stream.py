@@ -9,7 +9,6 @@ iterator of slice runs into a temporary file that replaces the target only once 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -21,11 +20,11 @@ import numpy as np
 from .io import (
     MASK_SUFFIXES,
     NIFTI_SUFFIXES,
-    PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
     InputError,
     Volume,
     atomic_path,
+    folder_files,
     read_volume,
     suffix_of,
 )
@@ -226,14 +225,8 @@ def _unscaled(image: Any) -> bool:
     return slope in (None, 1.0) and inter in (None, 0.0)
 
 
-def _natural_key(path: Path) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def _open_folder(path: Path) -> SliceSource:
-    files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
-    slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
-    others = [f for f in files if f not in slices]
+    slices, others = folder_files(path)
     if others:  # a DICOM series (which wins over stray pictures, as in the eager reader)
         from .dicom import open_dicom_series
 
@@ -242,8 +235,6 @@ def _open_folder(path: Path) -> SliceSource:
         except InputError:
             if not slices:
                 raise
-    if not slices:
-        return volume_source(read_volume(path))  # the eager reader's error for an empty folder
     first = read_volume(slices[0]).array
     if first.shape[0] != 1:
         return volume_source(read_volume(path))
