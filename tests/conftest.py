@@ -36,3 +36,18 @@ def phantom_files(tmp_path: Path) -> tuple[Path, Path]:
     tifffile.imwrite(image_path, (images * 255).astype(np.uint8), photometric="minisblack")
     tifffile.imwrite(label_path, membranes, photometric="minisblack")
     return image_path, label_path
+
+
+@pytest.fixture
+def w4a6_model_file(tmp_path: Path) -> Path:
+    """A small W4A6 model file (untrained: its masks are arbitrary but deterministic), for
+    tests of segmentation plumbing rather than of accuracy."""
+    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
+    from napari_unetquant.model import build_unet
+    from napari_unetquant.modelio import SegmentationModel, save_model
+
+    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
+    bundle = SegmentationModel(build_unet(unet, quant).eval(), unet, quant, PreprocessConfig())
+    path = tmp_path / "w4a6.safetensors"
+    save_model(path, bundle)
+    return path

@@ -13,22 +13,11 @@ import pytest
 import tifffile
 
 from napari_unetquant.cli import main
-from napari_unetquant.config import InferConfig, PreprocessConfig, QuantConfig, UNetConfig
+from napari_unetquant.config import InferConfig
 from napari_unetquant.data import em_phantom_stack, read_volume
 from napari_unetquant.infer import segment_volume
 from napari_unetquant.metrics import segmentation_scores
-from napari_unetquant.model import build_unet
-from napari_unetquant.modelio import SegmentationModel, load_model, save_model
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    """A small W4A6 network (untrained: the masks are arbitrary but deterministic)."""
-    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
-    bundle = SegmentationModel(build_unet(unet, quant).eval(), unet, quant, PreprocessConfig())
-    path = tmp_path / "w4a6.safetensors"
-    save_model(path, bundle)
-    return path
+from napari_unetquant.modelio import load_model
 
 
 @pytest.fixture
@@ -61,7 +50,7 @@ def _mask(path: Path) -> np.ndarray:
 
 
 def test_a_folder_is_segmented_into_masks_with_a_dice_csv(
-    model_file: Path, volumes: tuple[Path, Path], tmp_path: Path
+    w4a6_model_file: Path, volumes: tuple[Path, Path], tmp_path: Path
 ) -> None:
     images, labels = volumes
     out = tmp_path / "masks"
@@ -69,7 +58,7 @@ def test_a_folder_is_segmented_into_masks_with_a_dice_csv(
         [
             "segment",
             "--model",
-            str(model_file),
+            str(w4a6_model_file),
             "--input-dir",
             str(images),
             "--out-dir",
@@ -82,7 +71,7 @@ def test_a_folder_is_segmented_into_masks_with_a_dice_csv(
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.nii.gz", "c.tif", "segment.csv"]
     rows = _rows(out / "segment.csv")
     assert [Path(r["image"]).name for r in rows] == ["a.tif", "b.nii.gz", "c"]
-    bundle = load_model(model_file)
+    bundle = load_model(w4a6_model_file)
     for row in rows:
         image, mask = read_volume(row["image"]), _mask(Path(row["mask"]))
         expected = segment_volume(bundle, image, InferConfig(), "cpu") >= 0.5
@@ -97,7 +86,10 @@ def test_a_folder_is_segmented_into_masks_with_a_dice_csv(
 
 
 def test_a_bad_volume_is_reported_and_the_others_still_written(
-    model_file: Path, volumes: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    w4a6_model_file: Path,
+    volumes: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     images, _ = volumes
     (images / "broken.nii.gz").write_bytes(b"not a NIfTI file")
@@ -106,7 +98,7 @@ def test_a_bad_volume_is_reported_and_the_others_still_written(
         [
             "segment",
             "--model",
-            str(model_file),
+            str(w4a6_model_file),
             "--input-dir",
             str(images),
             "--out-dir",
@@ -137,7 +129,7 @@ def test_a_bad_volume_is_reported_and_the_others_still_written(
     ],
 )
 def test_batch_mistakes_are_one_line_errors(
-    model_file: Path,
+    w4a6_model_file: Path,
     volumes: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -145,7 +137,7 @@ def test_batch_mistakes_are_one_line_errors(
     message: str,
 ) -> None:
     images, _ = volumes
-    argv = ["segment", "--model", str(model_file), "--input-dir", str(images)]
+    argv = ["segment", "--model", str(w4a6_model_file), "--input-dir", str(images)]
     with pytest.raises(SystemExit) if "--out-format" in extra else _no_exit():
         code = main([*argv, "--out-dir", str(tmp_path / "masks"), *extra])
         assert code == 2
@@ -163,7 +155,7 @@ class _no_exit:
 
 
 def test_a_local_dask_cluster_of_two_workers_writes_the_same_masks(
-    model_file: Path, volumes: tuple[Path, Path], tmp_path: Path
+    w4a6_model_file: Path, volumes: tuple[Path, Path], tmp_path: Path
 ) -> None:
     distributed = pytest.importorskip("distributed")
     images, labels = volumes
@@ -171,7 +163,7 @@ def test_a_local_dask_cluster_of_two_workers_writes_the_same_masks(
     common = [
         "segment",
         "--model",
-        str(model_file),
+        str(w4a6_model_file),
         "--input-dir",
         str(images),
         "--labels-dir",
@@ -195,10 +187,10 @@ def test_a_local_dask_cluster_of_two_workers_writes_the_same_masks(
 
 
 def test_masks_written_inside_the_input_folder_are_not_segmented_again(
-    model_file: Path, volumes: tuple[Path, Path]
+    w4a6_model_file: Path, volumes: tuple[Path, Path]
 ) -> None:
     images, _ = volumes
-    argv = ["segment", "--model", str(model_file), "--input-dir", str(images)]
+    argv = ["segment", "--model", str(w4a6_model_file), "--input-dir", str(images)]
     for _ in range(2):  # the second run lists the folder with masks/ inside it
         assert main([*argv, "--out-dir", str(images / "masks")]) == 0
         rows = _rows(images / "masks" / "segment.csv")

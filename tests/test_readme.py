@@ -26,19 +26,14 @@ def _section(title: str) -> str:
 
 
 @pytest.fixture
-def scans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def scans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, w4a6_model_file: Path) -> Path:
     """What the large-data examples expect in the current folder: a model file, ``scans/``
     with two volumes and ``labels/`` with their labels under the same names."""
     import tifffile
 
-    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
     from napari_unetquant.data import em_phantom_stack
-    from napari_unetquant.model import build_unet
-    from napari_unetquant.modelio import SegmentationModel, save_model
 
-    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
-    bundle = SegmentationModel(build_unet(unet, quant).eval(), unet, quant, PreprocessConfig())
-    save_model(tmp_path / "w4a6.safetensors", bundle)
+    assert w4a6_model_file == tmp_path / "w4a6.safetensors"  # the name the examples use
     for folder in ("scans", "labels"):
         (tmp_path / folder).mkdir()
     for n in (2, 3):

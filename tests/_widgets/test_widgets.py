@@ -203,18 +203,17 @@ def test_reader_keeps_spacing_and_writer_keeps_the_affine(
 
 
 def test_batch_segments_files_and_scores_them(
-    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
+    make_napari_viewer: Callable[..., Any],
+    qtbot: Any,
+    errors: list[str],
+    tmp_path: Path,
+    w4a6_model_file: Path,
 ) -> None:
     import tifffile
 
-    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
     from napari_unetquant.data import em_phantom_stack, read_volume
-    from napari_unetquant.model import build_unet
-    from napari_unetquant.modelio import SegmentationModel, save_model
 
-    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
-    model = tmp_path / "w4a6.safetensors"
-    save_model(model, SegmentationModel(build_unet(unet, quant), unet, quant, PreprocessConfig()))
+    model = w4a6_model_file
     images, labels = [], []
     for n in (2, 3):
         stack, truth = em_phantom_stack(n, 40, 48, seed=n)
@@ -244,18 +243,13 @@ def test_batch_segments_files_and_scores_them(
 
 
 def test_segment_streams_a_dask_layer_without_computing_it_whole(
-    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], w4a6_model_file: Path
 ) -> None:
     import dask.array as da
 
-    from napari_unetquant.config import PreprocessConfig, QuantConfig, UNetConfig
     from napari_unetquant.data import em_phantom_stack
-    from napari_unetquant.model import build_unet
-    from napari_unetquant.modelio import SegmentationModel, save_model
 
-    unet, quant = UNetConfig(base_width=4, depth=2), QuantConfig.from_bits(4, 6)
-    model = tmp_path / "w4a6.safetensors"
-    save_model(model, SegmentationModel(build_unet(unet, quant), unet, quant, PreprocessConfig()))
+    model = w4a6_model_file
     stack = em_phantom_stack(20, 48, 40, seed=1)[0]
     lazy = Recorded(da.from_array(stack, chunks=(1, 48, 40)))
     viewer = make_napari_viewer()
