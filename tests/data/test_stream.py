@@ -120,3 +120,50 @@ def test_a_stream_that_fails_part_way_leaves_the_old_file_and_no_debris(tmp_path
         write_mask_stream(out, [np.zeros((1, 5, 4), np.uint8)], (2, 4, 4))
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+def test_scaled_nifti_declares_the_type_its_slices_have(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(np.moveaxis(_stack(), 0, 2), np.eye(4))
+    image.header.set_slope_inter(0.5, 10.0)
+    nib.save(image, tmp_path / "scaled.nii")
+    with open_volume(tmp_path / "scaled.nii") as source:
+        run = source.slices(0, 2)
+        assert source.dtype == run.dtype and source.dtype.kind == "f"
+        assert np.array_equal(run, _stack()[:2] * 0.5 + 10.0)
+
+
+def test_imagej_stacks_with_one_ifd_are_mapped_not_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ImageJ writes stacks over 4 GiB as one IFD followed by every slice's pixels."""
+    import napari_unetquant.data.stream as stream
+
+    stack = _stack().astype(np.uint16)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, stack, imagej=True, truncate=True)
+
+    def whole(path: Path) -> None:
+        raise AssertionError(f"{path} was read whole")
+
+    monkeypatch.setattr(stream, "read_volume", whole)
+    with open_volume(path) as source:
+        assert source.shape == stack.shape
+        assert np.array_equal(source.slices(3, 7), stack[3:7])
+
+
+@pytest.mark.parametrize("name", ["m.nii", "m.nii.gz"])
+def test_streamed_nifti_is_the_file_nibabel_writes(tmp_path: Path, name: str) -> None:
+    import gzip
+
+    mask = (np.random.default_rng(1).random((7, 9, 5)) * 3).astype(np.int16)
+    affine = np.array([[0, -0.8, 0, 10], [0.7, 0, 0, -3], [0, 0, 2.5, 4], [0, 0, 0, 1]])
+    like = array_source(mask, affine=affine)
+    write_mask_stream(tmp_path / name, [mask[:3], mask[3:]], (7, 9, 5), np.int16, like)
+    reference = nib.Nifti1Image(np.moveaxis(mask, 0, 2), affine, dtype=np.int16)
+    reference.set_qform(affine, code=1)
+    reference.set_sform(affine, code=1)
+    nib.save(reference, tmp_path / f"nibabel-{name}")
+    opener = gzip.open if name.endswith(".gz") else open
+    written = [tmp_path / name, tmp_path / f"nibabel-{name}"]
+    with opener(written[0], "rb") as ours, opener(written[1], "rb") as theirs:
+        assert ours.read() == theirs.read()

@@ -170,7 +170,12 @@ def _open_tiff(path: Path) -> SliceSource:
         len(shape) == 3 and len(pages) == shape[0] and getattr(pages[0], "shape", ()) == shape[1:]
     )
     if not paged:
-        tiff.close()  # one page holding a whole stack, or pictures: read as the eager reader does
+        tiff.close()
+        if len(shape) == 3 and series.dataoffset is not None:
+            # uncompressed and contiguous, as ImageJ writes stacks over 4 GiB (one IFD): map it
+            memmap = tifffile.memmap(path, series=0, mode="r")
+            return array_source(memmap, source=str(path))
+        # one page holding a whole stack, or pictures: read as the eager reader does
         return volume_source(read_volume(path))
 
     def read(start: int, stop: int) -> np.ndarray:
@@ -211,7 +216,7 @@ def _open_nifti(path: Path) -> SliceSource:
     zooms = image.header.get_zooms()
     return SliceSource(
         (shape[2], shape[0], shape[1]),
-        np.dtype(image.get_data_dtype() if _unscaled(image) else np.float64),
+        _nifti_dtype(proxy),
         read,
         spacing=(float(zooms[0]), float(zooms[1])),
         affine=np.asarray(image.affine, dtype=np.float64),
@@ -219,10 +224,15 @@ def _open_nifti(path: Path) -> SliceSource:
     )
 
 
-def _unscaled(image: Any) -> bool:
-    """NIfTI data with no intensity scaling keeps its stored type; scaled data reads as float."""
-    slope, inter = image.header.get_slope_inter()
-    return slope in (None, 1.0) and inter in (None, 0.0)
+def _nifti_dtype(proxy: Any) -> np.dtype[Any]:
+    """The type nibabel reads: the stored type, or float with intensity scaling. Loading moves
+    the scaling from the header (then ``(None, None)``) into the data proxy, so ask the proxy."""
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if slope == 1.0 and inter == 0.0:
+        stored: np.dtype[Any] = np.dtype(proxy.dtype)
+        return stored
+    corner: np.ndarray = np.asanyarray(proxy[(slice(0, 1),) * len(proxy.shape)])
+    return corner.dtype
 
 
 def _open_folder(path: Path) -> SliceSource:
