@@ -195,3 +195,19 @@ def test_masks_written_inside_the_input_folder_are_not_segmented_again(
         assert main([*argv, "--out-dir", str(images / "masks")]) == 0
         rows = _rows(images / "masks" / "segment.csv")
         assert [Path(r["image"]).name for r in rows] == ["a.tif", "b.nii.gz", "c"]
+
+
+def test_slice_folders_and_zarr_arrays_get_tiff_masks(tmp_path: Path) -> None:
+    """``same`` writes .tif for inputs that are neither TIFF nor NIfTI (nor a DICOM series),
+    whatever hidden files a slice folder holds."""
+    import zarr
+
+    from napari_unetquant.batch import plan_batch
+
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    iio.imwrite(slices / "0.png", np.zeros((8, 8), np.uint8))
+    (slices / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    zarr.save_array(str(tmp_path / "v.zarr"), np.zeros((2, 8, 8), np.uint8))
+    items = plan_batch([str(slices), str(tmp_path / "v.zarr")], tmp_path / "masks")
+    assert [Path(item.out).name for item in items] == ["slices.tif", "v.tif"]

@@ -165,8 +165,14 @@ def _mask_suffix(image: str, out_format: str) -> str:
     if suffix in MASK_SUFFIXES:
         return suffix
     folder = Path(image)
-    if folder.is_dir() and not all(
-        suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES for f in folder.iterdir() if f.is_file()
+    if (
+        suffix != ".zarr"
+        and folder.is_dir()
+        and not all(
+            suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES
+            for f in folder.iterdir()
+            if f.is_file() and not f.name.startswith(".")  # e.g. macOS .DS_Store
+        )
     ):
         return ".nii.gz"  # a DICOM series: NIfTI keeps its affine
     return ".tif"
