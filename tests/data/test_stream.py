@@ -167,3 +167,20 @@ def test_streamed_nifti_is_the_file_nibabel_writes(tmp_path: Path, name: str) ->
     written = [tmp_path / name, tmp_path / f"nibabel-{name}"]
     with opener(written[0], "rb") as ours, opener(written[1], "rb") as theirs:
         assert ours.read() == theirs.read()
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.tif"])
+def test_leaving_the_with_block_closes_the_file(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path / name, _stack())
+    with open_volume(path) as source:
+        assert np.array_equal(source.slices(0, 2), _stack()[:2])
+    with pytest.raises(InputError, match="could not be read"):
+        source.slices(2, 4)
+
+
+def test_slices_outside_the_volume_are_an_error_not_a_damaged_file(tmp_path: Path) -> None:
+    with (
+        open_volume(_write(tmp_path / "v.nii", _stack())) as source,
+        pytest.raises(IndexError, match="it has 11 slices"),
+    ):
+        source.slices(11, 12)

@@ -55,6 +55,10 @@ class SliceSource:
     def slices(self, start: int, stop: int) -> np.ndarray:
         """Slices ``[start, stop)`` as an ``(stop - start, H, W)`` array."""
         start, stop = max(0, start), min(self.shape[0], stop)
+        if start >= stop:
+            raise IndexError(
+                f"{self.source}: no slices in [{start}, {stop}); it has {self.shape[0]} slices"
+            )
         try:
             run = np.asarray(self.read(start, stop))
             return run.reshape(stop - start, *self.shape[1:])
@@ -192,8 +196,18 @@ def _open_tiff(path: Path) -> SliceSource:
 
 def _open_nifti(path: Path) -> SliceSource:
     import nibabel as nib
+    from nibabel.openers import Opener
 
-    image = nib.load(path, mmap=False, keep_file_open=True)
+    kind = type(nib.load(path))  # NIfTI-1 or NIfTI-2, as the header says
+    opener = Opener(str(path), "rb")  # one handle for every read: .nii.gz decompresses forward
+    try:
+        return _nifti_source(path, kind.from_stream(opener.fobj), opener.close)
+    except BaseException:
+        opener.close()
+        raise
+
+
+def _nifti_source(path: Path, image: Any, close: Callable[[], None]) -> SliceSource:
     shape = tuple(image.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -221,6 +235,7 @@ def _open_nifti(path: Path) -> SliceSource:
         spacing=(float(zooms[0]), float(zooms[1])),
         affine=np.asarray(image.affine, dtype=np.float64),
         source=str(path),
+        close=close,
     )
 
 
