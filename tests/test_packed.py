@@ -57,7 +57,14 @@ def test_packed_file_runs_exactly_like_the_model_it_came_from(label: str, tmp_pa
     save_model(path, bundle, packed=True)
     loaded = load_model(path)
     assert loaded.layout == "packed" and loaded.quant == bundle.quant
-    x = torch.randn(2, 1, 44, 52)
+    _assert_runs_exactly_like(loaded, bundle, torch.randn(2, 1, 44, 52), tmp_path)
+
+
+def _assert_runs_exactly_like(
+    loaded: SegmentationModel, bundle: SegmentationModel, x: torch.Tensor, tmp_path: Path
+) -> None:
+    """``loaded`` (from ``bundle``'s packed file) gives bit-identical outputs, twice, leaves
+    the input alone, reports the same stored bits, and re-packs to the same codes."""
     original = x.clone()
     with torch.no_grad():
         expected = bundle.model(x)
@@ -69,7 +76,7 @@ def test_packed_file_runs_exactly_like_the_model_it_came_from(label: str, tmp_pa
     # re-packing a loaded packed model writes the same codes
     again = tmp_path / "again.safetensors"
     save_model(again, loaded, packed=True)
-    first, second = load_file(str(path)), load_file(str(again))
+    first, second = load_file(str(tmp_path / "packed.safetensors")), load_file(str(again))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -226,26 +233,14 @@ def test_packed_3d_file_runs_exactly_like_the_model_it_came_from(
     label: str, tmp_path: Path
 ) -> None:
     bundle = _trained_3d(QuantConfig.from_label(label))
-    path = tmp_path / "packed3d.safetensors"
+    path = tmp_path / "packed.safetensors"
     save_model(path, bundle, packed=True)
     loaded = load_model(path)
     assert loaded.layout == "packed" and loaded.unet == UNET_3D
     assert loaded.model.fast_inference  # the in-place block path runs below
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in loaded.model.modules())
     assert any(isinstance(m, FoldedBatchNorm) for m in loaded.model.modules())
-    x = torch.randn(2, 1, 7, 19, 13)
-    original = x.clone()
-    with torch.no_grad():
-        expected = bundle.model(x)
-        assert torch.equal(loaded.model(x), expected)
-        assert torch.equal(loaded.model(x), expected)
-    assert torch.equal(x, original)
-    assert bit_report(loaded.model).layers == bit_report(bundle.model).layers
-    again = tmp_path / "again.safetensors"
-    save_model(again, loaded, packed=True)
-    first, second = load_file(str(path)), load_file(str(again))
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    _assert_runs_exactly_like(loaded, bundle, torch.randn(2, 1, 7, 19, 13), tmp_path)
 
 
 def test_3d_codes_take_exactly_their_bits_and_the_report_counts_them(tmp_path: Path) -> None:
