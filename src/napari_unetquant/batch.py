@@ -291,7 +291,7 @@ def segment_batch(
     the model, images and labels from paths it must see, and writes the masks itself)."""
     if not Path(model_path).is_file():
         raise InputError(f"{model_path}: no such model file; check the path")
-    load_model(model_path)  # a wrong or damaged model fails the batch up front, not per volume
+    _model(model_path)  # a wrong or damaged model fails the batch up front (and stays cached)
     for item in items:
         Path(item.out).parent.mkdir(parents=True, exist_ok=True)
     if client is None:
