@@ -8,10 +8,13 @@ trainer issue are a contract other tools rely on: extend, never rename or drop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO, TypeVar
 
 from .config import (
@@ -66,11 +69,15 @@ def quant_config_from_args(args: argparse.Namespace, default_bits: int = FLOAT_B
     """
 
     def one(bits: int | None, name: str | None, activations: bool) -> QuantizerConfig:
-        if name:
-            return QuantizerConfig.from_format(name)
-        if bits is None:
-            bits = NATURAL_BITS.get(args.quantizer, default_bits)
-        return QuantizerConfig.from_bits(args.quantizer, bits, activations=activations)
+        try:
+            if name:
+                return QuantizerConfig.from_format(name)
+            chosen = NATURAL_BITS.get(args.quantizer, default_bits) if bits is None else bits
+            return QuantizerConfig.from_bits(args.quantizer, chosen, activations=activations)
+        except ValueError as error:  # say which option was wrong
+            kind = "act" if activations else "weight"
+            option = f"--{kind}-format {name}" if name else f"--{kind}-bits {bits}"
+            raise ValueError(f"{option}: {error}") from None
 
     edges = () if args.quantize_edges else QuantConfig().edge_layers
     return QuantConfig(
@@ -168,24 +175,36 @@ def _train(args: argparse.Namespace, reports: bool) -> int:
         ct_window=tuple(args.ct_window) if args.ct_window else None,
         init=args.init,
         resume=args.resume,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
     if len(job.val_images) != len(job.val_labels):
         raise ValueError("give as many --val-labels as --val-images")
-    best = None
+    best, step = None, None
+    events = train_model(job)
     try:
-        for event in train_model(job):
-            if reports:
-                _progress(event)
-            best = getattr(event, "best_dice", best)
+        with _stop_between_steps(reports and "WORLD_SIZE" not in os.environ) as stop:
+            for event in events:
+                if reports and args.resume and step is None and event.step > 1:
+                    print(f"resuming after step {event.step - 1}", file=sys.stderr)
+                step = event.step
+                if reports:
+                    _progress(event)
+                best = getattr(event, "best_dice", best)
+                if stop.requested:
+                    events.close()  # saves the checkpoint at this step
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not reports:
             return EXIT_INTERRUPTED
+        where = f" at step {step}" if step is not None else ""
         print(
-            f"unetquant train: interrupted; the best model so far is in {args.out} "
+            f"unetquant train: interrupted{where}; the best model so far is in {args.out} "
             f"(continue with the same command and --resume)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    finally:
+        events.close()
     if not reports:
         return 0
     if best is None:
@@ -193,6 +212,35 @@ def _train(args: argparse.Namespace, reports: bool) -> int:
         return 0
     print(f"saved {args.out} ({job.quant.label}, best validation Dice {best:.4f})")
     return 0
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_between_steps(enabled: bool) -> Iterator[_StopRequest]:
+    """The first Ctrl-C asks training to stop after the current step (the resume checkpoint
+    then holds that step); a second one stops at once. Off under torchrun, which signals every
+    process itself."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(
+            "unetquant train: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr
+        )
+
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _infer_config(args: argparse.Namespace) -> InferConfig:
@@ -294,9 +342,10 @@ def _dask_client(address: str) -> Any:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs import evaluate_files
     from .metrics import SegmentationScores
-    from .modelio import load_model
+    from .modelio import check_grey_input, load_model
 
     bundle = load_model(args.model)
+    check_grey_input(bundle, args.model)
     scores = evaluate_files(
         bundle, args.images, args.labels, args.foreground_value, _infer_config(args), args.device
     )
@@ -471,6 +520,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     )
     train.add_argument("--init", metavar="MODEL", help="fine-tune from this model's weights")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="write the resume checkpoint at least this often (default 60)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--val-images", nargs="+", metavar="PATH")

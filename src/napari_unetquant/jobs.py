@@ -8,6 +8,7 @@ caller shows progress and may stop it between steps; the best model is on disk b
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,13 +20,13 @@ import torch
 from . import __version__
 from .batch import SegmentedFile, label_mask, segment_to_path
 from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
-from .data.io import Volume
+from .data.io import Volume, remove_partial_writes
 from .data.stream import SliceSource, open_volume, volume_source
 from .devices import resolve_device
 from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
 from .model import build_unet
-from .modelio import SegmentationModel, load_model, save_model
+from .modelio import SegmentationModel, check_grey_input, load_model, save_model
 from .packed import LAYOUT_STATE_DICT
 from .train import (
     Event,
@@ -53,7 +54,8 @@ class TrainJob:
     ``unet``: the network (``None``: the default U-Net, or the ``init`` model's). ``spacing``:
     ``"auto"`` (the median spacing of the training images, when they have one, or the ``init``
     model's), ``None`` (no resampling) or ``(rows, cols)`` mm. ``foreground_value``: ``None``
-    means non-zero, or the ``init`` model's value.
+    means non-zero, or the ``init`` model's value. ``checkpoint_seconds``: the resume checkpoint
+    is written at least this often (between validations too), so a crash loses little.
     """
 
     images: tuple[str, ...]
@@ -69,6 +71,13 @@ class TrainJob:
     ct_window: tuple[float, float] | None = None
     init: str | None = None
     resume: bool = False
+    checkpoint_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_seconds >= 0:
+            raise ValueError(
+                f"checkpoint every {self.checkpoint_seconds} s: give 0 (every step) or more"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,7 @@ def _initial_model(job: TrainJob) -> _Start:
         unet = job.unet or UNetConfig()
         return _Start(build_unet(unet, job.quant), unet, None, job.foreground_value)
     source = load_model(job.init)
+    check_grey_input(source, job.init)
     if source.layout != LAYOUT_STATE_DICT:
         raise ValueError(
             f"{job.init} is a packed model file (for deployment: codes, folded BatchNorm); "
@@ -145,13 +155,17 @@ def _preprocess(
     )
 
 
-def train_model(job: TrainJob) -> Iterator[Event]:
+def train_model(job: TrainJob) -> Generator[Event, None, None]:
     """Train, yield progress events, and keep ``job.out`` holding the best model so far.
 
     At every validation the resume checkpoint beside ``job.out`` is written first, then the
-    model if it improved, both before the event is yielded (the caller may stop there). The
-    checkpoint is removed once the last step is done; ``job.resume`` continues from it.
-    Data-parallel (under torchrun) only the first process writes files.
+    model if it improved, both before the event is yielded (the caller may stop there); between
+    validations the checkpoint is written again once ``job.checkpoint_seconds`` have passed, and
+    when the caller stops iterating (a Ctrl-C handled between steps), so an interruption loses at
+    most that much training. Every file goes through a temporary file and a rename; temporary
+    files that a killed run left beside ``job.out`` are removed at the start. The checkpoint is
+    removed once the last step is done; ``job.resume`` continues from it. Data-parallel (under
+    torchrun) only the first process writes files.
     """
     start = _initial_model(job)
     foreground = start.foreground_value
@@ -174,20 +188,34 @@ def train_model(job: TrainJob) -> Iterator[Event]:
         info = _info(job, trainer, foreground, (len(train_pairs), len(val_pairs)))
         return SegmentationModel(trainer.best_model(), start.unet, job.quant, preprocess, info)
 
+    if writes:
+        for path in (Path(job.out), resume_file):
+            remove_partial_writes(path)
     if job.resume:
         _resume(job, trainer, identity)
         if writes and trainer.best_state is not None:  # the model file may predate it
             save_model(job.out, bundle())
 
+    saved_at = time.monotonic()
     for event in trainer.run():
+        unfinished = event.step < event.steps
         if writes and isinstance(event, ValidationEvent):
-            if event.step < event.steps:
+            if unfinished:
                 save_checkpoint(resume_file, trainer, identity)
+                saved_at = time.monotonic()
             if event.improved:
                 save_model(job.out, bundle())
-            if event.step == event.steps:
+            if not unfinished:
                 resume_file.unlink(missing_ok=True)
-        yield event
+        elif writes and unfinished and time.monotonic() - saved_at >= job.checkpoint_seconds:
+            save_checkpoint(resume_file, trainer, identity)
+            saved_at = time.monotonic()
+        try:
+            yield event
+        except GeneratorExit:  # the caller stopped between steps: keep where training got to
+            if writes and unfinished and trainer.step > 0:
+                save_checkpoint(resume_file, trainer, identity)
+            raise
 
 
 def _resume(job: TrainJob, trainer: Trainer, identity: dict[str, Any]) -> None:
@@ -408,6 +436,7 @@ def segment_to_file(
     if suffix_of(Path(out_path)) not in MASK_SUFFIXES:  # fail before the slow part
         raise ValueError(f"{out_path}: write masks as .tif, .tiff, .nii or .nii.gz")
     bundle = load_model(model_path)
+    check_grey_input(bundle, model_path)
     target = _inference_device(device, config)
     bundle.model.to(target)
     with open_volume(image_path) as source:

@@ -8,6 +8,7 @@ never leaves a half-written output.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -76,8 +77,7 @@ def read_volume(path: str | Path) -> Volume:
     """Read an image or label file (TIFF, PNG/JPEG, NIfTI) or a folder (DICOM series, or PNG /
     JPEG / TIFF slices in name order) as a :class:`Volume`."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder; check the path")
+    check_readable(path)
     if path.is_dir():
         return _read_folder(path)
     readers: dict[str, Callable[[Path], Volume]] = {
@@ -102,6 +102,18 @@ def read_volume(path: str | Path) -> Volume:
         ) from error
 
 
+def check_readable(path: Path) -> None:
+    """Refuse a path that does not exist or that this user may not read, before any reader
+    turns that into a vaguer error."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise InputError(
+            f"{path}: permission denied; make it readable for this user (chmod +r) or copy it "
+            f"somewhere readable"
+        )
+
+
 def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
     """``(H, W)`` -> ``(1, H, W)``; ``(S, H, W)`` stays; anything else is refused."""
     if array.ndim == 2:
@@ -118,23 +130,30 @@ def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
 def _grey_picture(array: np.ndarray, path: Path) -> np.ndarray:
     """A PNG/JPEG as one grey channel: ``(H, W, C)`` pictures must be grey (equal colour
     channels; an alpha channel is dropped)."""
-    if array.ndim == 3:
-        colour = array[..., : 3 if array.shape[-1] >= 3 else 1]
-        if any(
-            not np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])
-        ):
-            raise InputError(
-                f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
-                f"grey channel, so convert it to greyscale first"
-            )
-        array = colour[..., 0]
-    return _as_slices(array, path)
+    return _as_slices(_grey_channels(array, path) if array.ndim == 3 else array, path)
+
+
+def _grey_channels(array: np.ndarray, path: Path) -> np.ndarray:
+    """``(..., C)`` colour samples as one grey channel ``(...)``: the colours must be equal
+    (a grey picture saved as RGB); an alpha channel is dropped."""
+    colour = array[..., : 3 if array.shape[-1] >= 3 else 1]
+    if any(not np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
+        raise InputError(
+            f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
+            f"grey channel, so convert it to greyscale first"
+        )
+    return colour[..., 0]
 
 
 def _read_tiff(path: Path) -> Volume:
     import tifffile
 
-    return Volume(_as_slices(np.asarray(tifffile.imread(path)), path), source=str(path))
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array = np.asarray(series.asarray())
+        if series.axes.endswith("S"):  # samples per pixel: RGB(A), not slices
+            array = _grey_channels(array, path)
+    return Volume(_as_slices(array, path), source=str(path))
 
 
 def _read_picture(path: Path) -> Volume:
@@ -251,6 +270,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def remove_partial_writes(path: Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left beside ``path`` when a process was
+    killed while writing it (only for files one process writes at a time); returns them."""
+    left = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.part{suffix_of(path)}"))
+    for temporary in left:
+        temporary.unlink(missing_ok=True)
+    return left
 
 
 def write_mask(path: str | Path, mask: np.ndarray, like: Volume | None = None) -> None:
