@@ -27,7 +27,7 @@ from .config import (
     QuantizerConfig,
     UNetConfig,
 )
-from .data.io import atomic_path
+from .data.io import atomic_path, check_readable
 from .model import FoldedBatchNorm2d, build_unet
 from .packed import (
     LAYOUT_PACKED,
@@ -132,6 +132,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such model file; check the path")
+    check_readable(path)
     _check_not_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -152,9 +153,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} has model format version {version}, this napari-unetquant reads versions "
             f"{', '.join(VERSIONS)}; upgrade napari-unetquant or re-export the model"
         )
-    config: dict[str, Any] = json.loads(metadata["config"])
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, ValueError) as error:  # no config, or not JSON
+        raise ValueError(
+            f"{path}: the model's metadata is damaged (no readable configuration: {error!r}); "
+            f"use the file that training or 'unetquant export' wrote"
+        ) from error
+    if not isinstance(config, dict) or not isinstance(config.get("info", {}), dict):
+        raise ValueError(
+            f"{path}: the model's metadata is damaged (its configuration is not a JSON object "
+            f"of settings); use the file that training or 'unetquant export' wrote"
+        )
     config["layout"] = VERSIONS[version]
     return config
+
+
+def check_grey_input(bundle: SegmentationModel, name: str | Path) -> None:
+    """Refuse a network that does not take one input channel: every image here is read as one
+    grey channel. ``name`` (the model file) starts the message."""
+    channels = bundle.unet.in_channels
+    if channels != 1:
+        raise ValueError(
+            f"{name}: the model takes {channels} input channels, but images are read as one "
+            f"grey channel; use a model trained on single-channel images (in_channels=1)"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
