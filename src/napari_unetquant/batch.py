@@ -30,6 +30,7 @@ from .data.io import (
     TIFF_SUFFIXES,
     InputError,
     atomic_path,
+    check_readable,
     labels_on_image_grid,
     read_volume,
     suffix_of,
@@ -39,7 +40,7 @@ from .data.stream import SliceSource, open_volume, write_mask_stream
 from .devices import resolve_device
 from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
-from .modelio import SegmentationModel, load_model
+from .modelio import SegmentationModel, check_grey_input, load_model
 
 VOLUME_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".npy", ".zarr")
 
@@ -124,7 +125,7 @@ def label_mask(path: str | Path, image: SliceSource, foreground_value: int | Non
             f"{path} has shape {array.shape} but {image.source} has {image.shape}; labels must "
             f"be on the image's grid"
         )
-    return foreground_mask(array, foreground_value)
+    return foreground_mask(array, foreground_value, str(path))
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ def plan_batch(
             f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
             f"image, in the same order (or a labels folder)"
         )
+    for given in [*images, *(labels or [])]:  # a typo fails now, not after the other volumes
+        check_readable(Path(given))
     outs = [str(Path(out_dir) / (_stem(i) + _mask_suffix(i, out_format))) for i in images]
     seen: set[str] = set()
     for out in outs:
@@ -291,7 +294,8 @@ def segment_batch(
     the model, images and labels from paths it must see, and writes the masks itself)."""
     if not Path(model_path).is_file():
         raise InputError(f"{model_path}: no such model file; check the path")
-    _model(model_path)  # a wrong or damaged model fails the batch up front (and stays cached)
+    # a wrong or damaged model fails the batch up front (and stays cached)
+    check_grey_input(_model(model_path), model_path)
     for item in items:
         Path(item.out).parent.mkdir(parents=True, exist_ok=True)
     if client is None:

@@ -17,30 +17,41 @@ def zscore(image: np.ndarray) -> np.ndarray:
     return normalised
 
 
-def foreground_mask(labels: np.ndarray, foreground_value: int | None = None) -> np.ndarray:
+def foreground_mask(
+    labels: np.ndarray, foreground_value: int | None = None, source: str = ""
+) -> np.ndarray:
     """``labels == foreground_value`` (or ``labels != 0`` when ``None``) as uint8 {0, 1}.
 
     ISBI 2012's membranes are value 0: pass ``foreground_value=0`` to segment them.
+    ``source`` names the labels in errors.
     """
     values = np.asarray(labels)
+    where = f"{source}: " if source else ""
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
             raise ValueError(
-                "labels must be an integer mask, but they hold fractional or NaN values; "
-                "give the label image, not a probability map"
+                f"{where}labels must be an integer mask, but they hold fractional or NaN "
+                f"values; give the label image, not a probability map"
             )
     elif values.dtype.kind not in "iub":
-        raise ValueError(f"labels of type {values.dtype} are not an integer mask")
+        raise ValueError(
+            f"{where}labels of type {values.dtype} are not an integer mask; give a label image"
+        )
     mask: np.ndarray = values != 0 if foreground_value is None else values == foreground_value
     return mask.astype(np.uint8)
 
 
-def normalize(slices: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """``(S, H, W)`` -> float32: per-slice z-score, or a CT window mapped to [-1, 1]."""
+def normalize(slices: np.ndarray, config: PreprocessConfig, source: str = "") -> np.ndarray:
+    """``(S, H, W)`` -> float32: per-slice z-score, or a CT window mapped to [-1, 1].
+
+    ``source`` names the image in the error about NaN or Inf pixels.
+    """
     values = np.asarray(slices, dtype=np.float32)
     if not np.all(np.isfinite(values)):
+        where = f"{source}: " if source else ""
         raise ValueError(
-            "the image holds NaN or Inf pixels; replace them (e.g. with 0) before segmenting"
+            f"{where}the image holds NaN or Inf pixels; replace them (e.g. with 0) before "
+            f"training or segmenting"
         )
     if config.ct_window is not None:
         level, width = config.ct_window
@@ -78,7 +89,8 @@ def resize_slices(slices: np.ndarray, shape: tuple[int, int], order: int) -> np.
 def network_input(volume: Volume, config: PreprocessConfig) -> np.ndarray:
     """The normalised, resampled ``(S, H', W')`` float32 slices the network sees."""
     shape = target_shape(volume.array.shape[1:], volume.spacing, config)
-    return normalize(resize_slices(volume.array.astype(np.float32), shape, order=1), config)
+    resized = resize_slices(volume.array.astype(np.float32), shape, order=1)
+    return normalize(resized, config, volume.source)
 
 
 def network_mask(mask: np.ndarray, volume: Volume, config: PreprocessConfig) -> np.ndarray:

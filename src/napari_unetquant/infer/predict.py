@@ -205,7 +205,7 @@ def segment_source(
 
     def read(start: int, stop: int) -> np.ndarray:
         raw = source.slices(start, stop).astype(np.float32)
-        return normalize(resize_slices(raw, plane, order=1), bundle.preprocess)
+        return normalize(resize_slices(raw, plane, order=1), bundle.preprocess, source.source)
 
     original = (source.shape[1], source.shape[2])
     for chunk in predict_chunks(network, read, (source.shape[0], *plane), config, device):

@@ -49,11 +49,14 @@ def read_pairs(
                 f"{image_path} has shape {image.array.shape} but {label_path} has "
                 f"{label_array.shape}; labels must be on the image's grid"
             )
-        pairs.append(LabelledVolume(image, foreground_mask(label_array, foreground_value)))
+        mask = foreground_mask(label_array, foreground_value, str(label_path))
+        pairs.append(LabelledVolume(image, mask))
     if require_foreground and not any(pair.mask.any() for pair in pairs):
         hint = "" if foreground_value is None else f" (value {foreground_value})"
+        files = ", ".join(str(path) for path in labels)
         raise ValueError(
-            f"the labels contain no foreground{hint}; check --foreground-value and the files"
+            f"{files}: the labels contain no foreground{hint}; check --foreground-value and "
+            f"the files"
         )
     return pairs
 
