@@ -83,8 +83,9 @@ def test_damaged_and_unsuitable_files_are_refused_with_the_reason(tmp_path: Path
     with pytest.raises(InputError, match="no such file"):
         open_volume(tmp_path / "missing.tif")
     rgb = tmp_path / "rgb.tif"
-    tifffile.imwrite(rgb, np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
-    with pytest.raises(ValueError, match="4D"):
+    colour = np.arange(3 * 8 * 8 * 3, dtype=np.uint8).reshape(3, 8, 8, 3)
+    tifffile.imwrite(rgb, colour, photometric="rgb")
+    with pytest.raises(ValueError, match=r"colour \(RGB\)"):
         open_volume(rgb)
 
 

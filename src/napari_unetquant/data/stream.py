@@ -24,6 +24,7 @@ from .io import (
     InputError,
     Volume,
     atomic_path,
+    check_readable,
     folder_files,
     read_volume,
     suffix_of,
@@ -139,8 +140,7 @@ def open_volume(path: str | Path) -> SliceSource:
     for), a zarr array (``.zarr``, needs ``zarr``) or ``.npy``. Single pictures are read
     whole."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; check the path")
+    check_readable(path)
     suffix = suffix_of(path)
     try:
         if suffix == ".zarr":
@@ -170,6 +170,9 @@ def _open_tiff(path: Path) -> SliceSource:
     series = tiff.series[0]
     shape = tuple(series.shape)
     pages = series.pages
+    if series.axes.endswith("S"):  # RGB samples, not slices: the eager reader checks them
+        tiff.close()
+        return volume_source(read_volume(path))
     paged = (
         len(shape) == 3 and len(pages) == shape[0] and getattr(pages[0], "shape", ()) == shape[1:]
     )
