@@ -282,7 +282,10 @@ class QuantConfig:
                 f"ternary or binary"
             )
         method = (match.group(3) or "fixed").lower()
-        return cls.from_bits(int(match.group(1)), int(match.group(2)), method)
+        try:
+            return cls.from_bits(int(match.group(1)), int(match.group(2)), method)
+        except ValueError as error:  # e.g. W9A6: name the setting, not only the bits
+            raise ValueError(f"setting {text.strip()!r}: {error}") from None
 
     @classmethod
     def paper(cls) -> QuantConfig:
