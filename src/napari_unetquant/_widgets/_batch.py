@@ -140,6 +140,9 @@ class BatchWidget(Container):
             f"{len(self.results)} of {total} volumes done, {failed} failed; "
             f"masks and {CSV_NAME} in {out_dir}"
         )
+        errors = [r.error for r in self.results if r.error is not None]
+        if errors:  # the table says which; a notification makes sure it is seen
+            notify_error(ValueError(f"{failed} of {total} volumes failed: {errors[0]}"))
         self.worker = None
 
     @property
