@@ -125,3 +125,31 @@ def test_ctrl_c_stops_after_the_step_and_resume_finishes(
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and f"resuming after step {step}" in err
     assert "step 120/120  validation" in err and not checkpoint_path(out).exists()
+
+
+def test_a_diverging_run_stops_with_a_message_and_keeps_the_best_model(
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from napari_unetquant.cli import main
+    from napari_unetquant.train import trainer
+
+    calls = {"n": 0}
+    real_loss = trainer.bce_dice_loss
+
+    def blows_up_at_step_5(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real_loss(logits, target)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(trainer, "bce_dice_loss", blows_up_at_step_5)
+    image, labels = phantom_files
+    out = tmp_path / "m.safetensors"
+    argv = ["train", "--images", str(image), "--labels", str(labels), "--out", str(out)]
+    code = main([*argv, *FAST, "--steps", "20", "--validate-every", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged at step 5" in err and "lower the learning rate" in err
+    assert "the best model (step" in err and "Traceback" not in err
+    assert load_model(out).info["best_step"] in (2, 4)  # kept, whole, from before the NaN
