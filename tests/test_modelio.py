@@ -75,6 +75,13 @@ def test_torch_zip_checkpoints_are_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="is a pickle"):
         load_model(tmp_path / "model.pt")
+    marker = tmp_path / "pwned"  # torch.save's zip holding a pickle that would run code
+    torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, tmp_path / "evil.pth")
+    (tmp_path / "evil.safetensors").write_bytes((tmp_path / "evil.pth").read_bytes())
+    for name in ("evil.pth", "evil.safetensors"):
+        with pytest.raises(ValueError, match="is a pickle"):
+            load_model(tmp_path / name)
+    assert not marker.exists()
 
 
 def test_foreign_damaged_and_future_files(tmp_path: Path) -> None:
