@@ -24,6 +24,7 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES
+NO_PIXELS = "give an image with at least one slice of at least one pixel"
 
 
 class InputError(ValueError):
@@ -123,7 +124,7 @@ def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
             f"{path}: {array.ndim}D data of shape {array.shape}; give 2D images or 3D stacks"
         )
     if array.size == 0:
-        raise InputError(f"{path}: the image is empty (shape {array.shape})")
+        raise InputError(f"{path}: the image is empty (shape {array.shape}); {NO_PIXELS}")
     return array
 
 
@@ -166,6 +167,8 @@ def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     image = nib.load(path)
+    if 0 in image.shape:
+        raise InputError(f"{path}: the image is empty (shape {image.shape}); {NO_PIXELS}")
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

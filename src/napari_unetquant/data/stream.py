@@ -20,6 +20,7 @@ import numpy as np
 from .io import (
     MASK_SUFFIXES,
     NIFTI_SUFFIXES,
+    NO_PIXELS,
     TIFF_SUFFIXES,
     InputError,
     Volume,
@@ -51,7 +52,9 @@ class SliceSource:
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 1:
-            raise InputError(f"{self.source}: the image is empty or not (S, H, W): {self.shape}")
+            raise InputError(
+                f"{self.source}: the image is empty or not (S, H, W): {self.shape}; {NO_PIXELS}"
+            )
 
     def slices(self, start: int, stop: int) -> np.ndarray:
         """Slices ``[start, stop)`` as an ``(stop - start, H, W)`` array."""
@@ -170,8 +173,8 @@ def _open_tiff(path: Path) -> SliceSource:
     series = tiff.series[0]
     shape = tuple(series.shape)
     pages = series.pages
-    if series.axes.endswith("S"):  # RGB samples, not slices: the eager reader checks them
-        tiff.close()
+    if series.axes.endswith("S") or 0 in shape:  # RGB samples or no pixels: the eager
+        tiff.close()  # reader explains both
         return volume_source(read_volume(path))
     paged = (
         len(shape) == 3 and len(pages) == shape[0] and getattr(pages[0], "shape", ()) == shape[1:]
