@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, Volume
+from .io import TOO_LARGE, TOO_LARGE_FIX, InputError, Volume, one_line
 from .stream import SliceSource
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -40,6 +40,7 @@ def _headers(folder: Path, files: list[Path]) -> list[tuple[Path, Any]]:
         except Exception:  # not DICOM: ignore stray files such as notes
             continue
         if "Rows" in dataset and "Columns" in dataset:  # an image, not a report or a DICOMDIR
+            _check_header(file, dataset)
             headers.append((file, dataset))
     if not headers:
         raise InputError(
@@ -51,6 +52,21 @@ def _headers(folder: Path, files: list[Path]) -> list[tuple[Path, Any]]:
             f"{folder}: holds {len(series)} DICOM series; put each series in its own folder"
         )
     return headers
+
+
+def _check_header(file: Path, dataset: Any) -> None:
+    """Refuse an image whose size, geometry or rescale fields are not numbers of the right
+    count (a damaged file), before they are used."""
+    try:
+        int(dataset.Rows), int(dataset.Columns)
+        _position(dataset, _geometry(dataset)[2])
+        _row, _column = (float(v) for v in getattr(dataset, "PixelSpacing", [1, 1]))
+        float(getattr(dataset, "RescaleSlope", 1)), float(getattr(dataset, "RescaleIntercept", 0))
+    except Exception as error:
+        raise InputError(
+            f"{file}: damaged DICOM header ({one_line(error)}); check that the file is complete "
+            f"or move it out of the series folder"
+        ) from error
 
 
 def _geometry(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,10 +118,14 @@ def open_dicom_series(folder: Path, files: list[Path]) -> SliceSource:
         for file, header in headers[start:stop]:
             try:
                 pixels = pydicom.dcmread(file).pixel_array.astype(np.float32).T
+            except MemoryError as error:  # Rows and Columns declaring a huge slice
+                raise InputError(
+                    f"{file}: DICOM pixel data: {TOO_LARGE} ({one_line(error)}); {TOO_LARGE_FIX}"
+                ) from error
             except Exception as error:
                 raise InputError(
-                    f"{file}: DICOM pixel data could not be decoded ({type(error).__name__}: "
-                    f"{error}); check that the file is complete"
+                    f"{file}: DICOM pixel data could not be decoded ({one_line(error)}); "
+                    f"check that the file is complete"
                 ) from error
             if pixels.shape != plane:
                 raise InputError(

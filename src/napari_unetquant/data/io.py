@@ -96,11 +96,25 @@ def read_volume(path: str | Path) -> Volume:
         return reader(path)
     except InputError:
         raise
+    except MemoryError as error:  # a header declaring a huge image (damaged, or really huge)
+        raise InputError(f"{path}: {TOO_LARGE} ({one_line(error)}); {TOO_LARGE_FIX}") from error
     except Exception as error:  # a library's own error on a damaged file
         raise ValueError(
-            f"{path}: could not be read as {suffix_of(path)} ({type(error).__name__}: {error}); "
+            f"{path}: could not be read as {suffix_of(path)} ({one_line(error)}); "
             f"check that the file is complete and of that format"
         ) from error
+
+
+TOO_LARGE = "the image does not fit in memory"
+TOO_LARGE_FIX = (
+    "if the file is not that large it is damaged; otherwise segment it streamed "
+    "('unetquant segment' reads a few slices at a time)"
+)
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` of a library's error on one line (some libraries' span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def check_readable(path: Path) -> None:

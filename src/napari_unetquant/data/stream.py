@@ -22,11 +22,14 @@ from .io import (
     NIFTI_SUFFIXES,
     NO_PIXELS,
     TIFF_SUFFIXES,
+    TOO_LARGE,
+    TOO_LARGE_FIX,
     InputError,
     Volume,
     atomic_path,
     check_readable,
     folder_files,
+    one_line,
     read_volume,
     suffix_of,
 )
@@ -68,10 +71,15 @@ class SliceSource:
             return run.reshape(stop - start, *self.shape[1:])
         except InputError:
             raise
+        except MemoryError as error:  # a header declaring huge slices
+            raise InputError(
+                f"{self.source}: slices {start}-{stop - 1}: {TOO_LARGE} ({one_line(error)}); "
+                f"{TOO_LARGE_FIX}"
+            ) from error
         except Exception as error:  # a file that ends early or is damaged part-way
             raise InputError(
                 f"{self.source}: slices {start}-{stop - 1} could not be read "
-                f"({type(error).__name__}: {error}); check that the file is complete"
+                f"({one_line(error)}); check that the file is complete"
             ) from error
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
@@ -160,8 +168,8 @@ def open_volume(path: str | Path) -> SliceSource:
         raise
     except Exception as error:  # a library's own error on a damaged file
         raise InputError(
-            f"{path}: could not be opened as {suffix or 'a folder'} ({type(error).__name__}: "
-            f"{error}); check that the file is complete and of that format"
+            f"{path}: could not be opened as {suffix or 'a folder'} ({one_line(error)}); "
+            f"check that the file is complete and of that format"
         ) from error
     return volume_source(read_volume(path))
 
