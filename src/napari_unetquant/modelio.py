@@ -180,6 +180,22 @@ def check_grey_input(bundle: SegmentationModel, name: str | Path) -> None:
         )
 
 
+def _check_size(path: Path, unet: UNetConfig, quant: QuantConfig) -> None:
+    """Refuse a configuration describing more weights than the file can hold (at least one
+    bit each), before building it: edited metadata must not allocate a huge network."""
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            weights = str(sum(p.numel() for p in build_unet(unet, quant).parameters()))
+    except RuntimeError:  # sizes whose product overflows
+        weights = "over 2**63"
+    size = path.stat().st_size
+    if not weights.isdigit() or int(weights) > 8 * size:
+        raise ValueError(
+            f"{path}: the tensors do not match the configured network: it has {weights} "
+            f"weights, more than a {size}-byte file holds; the file is damaged or was edited"
+        )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
     """Load a model file written by :func:`save_model`, in evaluation mode."""
     from safetensors.torch import load_file
@@ -191,6 +207,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         preprocess = _preprocess_from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: the model's configuration is invalid ({error})") from error
+    _check_size(Path(path), unet, quant)
     tensors = load_file(str(path))
     try:
         if config["layout"] == LAYOUT_PACKED:

@@ -91,10 +91,10 @@ def load_exactly(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     the mismatch means for a model file."""
     try:
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
+    except RuntimeError as error:  # torch's message spans lines: keep it on one
         raise ValueError(
-            f"tensors do not match the configured network ({error}); the file is damaged or "
-            f"was edited"
+            f"tensors do not match the configured network ({' '.join(str(error).split())}); "
+            f"the file is damaged or was edited"
         ) from error
 
 
