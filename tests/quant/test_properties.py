@@ -126,6 +126,17 @@ def test_dynamic_fixed_point_weights_are_idempotent_on_one_shared_grid(
     assert q.unique().numel() <= 2**bits
 
 
+@pytest.mark.parametrize("rule", ["max", "mse"])
+def test_dynamic_fixed_point_of_subnormal_weights_is_finite_and_exact(rule: str) -> None:
+    # found by the long profile: 2**149 overflowed float32, and 0 * inf made NaN weights
+    weight = torch.tensor([0.0, 1.4013e-45, -3.0e-40, 1e-39]).reshape(4, 1, 1, 1)
+    config = QuantizerConfig(method="fixed", bits=4, dynamic_rule=rule)
+    quantizer = FixedPointQuantizer(config, "weight")
+    q = quantizer(weight)
+    assert bool(q.isfinite().all()) and int(quantizer.frac_bits) == qf.MAX_FRAC_BITS
+    assert torch.equal(dequantize(weight_codes(quantizer, weight)), q)
+
+
 # --- learned step size ------------------------------------------------------------------------
 
 

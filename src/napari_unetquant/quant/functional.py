@@ -22,6 +22,10 @@ def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
+# Dynamic formats of tiny (subnormal) tensors stop here: 2**f and 2**-f stay normal float32
+# numbers, so scaling by them is exact (2**149 would overflow to inf and make 0 * inf = NaN).
+MAX_FRAC_BITS = 126
+
 STE_LIMIT = 1.0  # |x| beyond which clipped straight-through estimators pass no gradient
 
 
@@ -105,15 +109,22 @@ def frac_bits_for_peak(x: Tensor | None, peak: float, magnitude_bits: int, rule:
         )
     if peak <= 0.0:
         return magnitude_bits  # an all-zero tensor: any format is exact
-    covering = math.floor(math.log2((2**magnitude_bits - 1) / peak))
+    covering = min(math.floor(math.log2((2**magnitude_bits - 1) / peak)), MAX_FRAC_BITS)
     if rule == "max" or x is None:
         return covering
     detached = x.detach()
+    candidates = finer_frac_bits(covering)
     errors = [
         float((fixed_point_quantize(detached, magnitude_bits, frac) - detached).pow(2).mean())
-        for frac in (covering, covering + 1, covering + 2)
+        for frac in candidates
     ]
-    return covering + errors.index(min(errors))
+    return candidates[errors.index(min(errors))]
+
+
+def finer_frac_bits(covering: int) -> tuple[int, int, int]:
+    """The ``"mse"`` rule's candidates: ``covering`` and the next two finer steps, at most
+    :data:`MAX_FRAC_BITS`."""
+    return covering, min(covering + 1, MAX_FRAC_BITS), min(covering + 2, MAX_FRAC_BITS)
 
 
 class _LSQ(torch.autograd.Function):

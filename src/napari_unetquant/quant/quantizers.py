@@ -158,7 +158,7 @@ def _frac_bits_by_batch_error(sample: Tensor, peak: float, magnitude_bits: int) 
     """The ``"mse"`` choice of :func:`~.functional.frac_bits_for_peak` with the squared
     errors summed over every share's sample (a sharded batch, positive ``peak``)."""
     covering = qf.frac_bits_for_peak(None, peak, magnitude_bits, "max")
-    candidates = (covering, covering + 1, covering + 2)
+    candidates = qf.finer_frac_bits(covering)
     errors = [
         (qf.fixed_point_quantize(sample, magnitude_bits, frac) - sample).pow(2).sum()
         for frac in candidates
