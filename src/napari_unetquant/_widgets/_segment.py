@@ -24,7 +24,7 @@ from napari.qt.threading import thread_worker
 from ..config import InferConfig
 from ..devices import resolve_device
 from ..jobs import segment_array
-from ..modelio import SegmentationModel, load_model
+from ..modelio import SegmentationModel, check_grey_input, load_model
 from ..quant import bit_report
 from . import _session
 from ._common import Persistent, layer_source, notify_error
@@ -82,6 +82,7 @@ class SegmentWidget(Container):
         if self.model.value == FROM_FILE:
             path = Path(str(self.model_file.value))
             bundle = load_model(path)
+            check_grey_input(bundle, path)
             size = f"{path.stat().st_size / 1024:.0f} KiB on disk"
         else:
             bundle = _session.models()[self.model.value]
