@@ -191,7 +191,7 @@ def _check_size(path: Path, unet: UNetConfig, quant: QuantConfig) -> None:
     size = path.stat().st_size
     if not weights.isdigit() or int(weights) > 8 * size:
         raise ValueError(
-            f"{path}: the tensors do not match the configured network: it has {weights} "
+            f"the tensors do not match the configured network: it has {weights} "
             f"weights, more than a {size}-byte file holds; the file is damaged or was edited"
         )
 
@@ -207,9 +207,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         preprocess = _preprocess_from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: the model's configuration is invalid ({error})") from error
-    _check_size(Path(path), unet, quant)
     tensors = load_file(str(path))
     try:
+        _check_size(Path(path), unet, quant)
         if config["layout"] == LAYOUT_PACKED:
             model = packed_network(unet, quant, tensors, dict(config.get("layers", {})))
         else:
