@@ -166,3 +166,40 @@ def test_metadata_naming_no_layer_is_refused_naming_the_file(w4a6_model_file: Pa
     edited = _edited_model(w4a6_model_file, "edge_layers", ["p"], section="quant")
     with pytest.raises(ValueError, match=r"edited-edge_layers\.safetensors: edge_layers pattern"):
         load_model(edited)
+
+
+@pytest.mark.parametrize("preprocess", ["x", [], None, {"spacing": []}, {"ct_window": "w"}])
+def test_preprocess_metadata_of_any_shape_is_refused_naming_the_file(
+    w4a6_model_file: Path, preprocess: object
+) -> None:
+    data = w4a6_model_file.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    config = json.loads(header["__metadata__"]["config"])
+    config["preprocess"] = preprocess
+    header["__metadata__"]["config"] = json.dumps(config)
+    text = json.dumps(header).encode()
+    w4a6_model_file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    with pytest.raises(
+        ValueError, match=r"w4a6\.safetensors: the model's configuration is invalid"
+    ):
+        load_model(w4a6_model_file)
+
+
+@pytest.mark.parametrize("shift", [2000, -2000])
+def test_a_packed_shift_beyond_float32_is_refused(w4a6_model_file: Path, shift: int) -> None:
+    from napari_unetquant.modelio import save_model
+
+    packed = w4a6_model_file.with_name("packed.safetensors")
+    save_model(packed, load_model(w4a6_model_file), packed=True)
+    data = packed.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    config = json.loads(header["__metadata__"]["config"])
+    layer = next(iter(config["layers"]))
+    config["layers"][layer]["frac_bits"] = shift  # 2.0 ** -shift: 0, or OverflowError
+    header["__metadata__"]["config"] = json.dumps(config)
+    text = json.dumps(header).encode()
+    packed.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    with pytest.raises(ValueError, match=rf"packed\.safetensors: .*fixed-point shift {shift}"):
+        load_model(packed)

@@ -205,7 +205,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         unet = UNetConfig(**config["unet"])
         quant = quant_from_dict(config["quant"])
         preprocess = _preprocess_from_dict(config["preprocess"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (LookupError, TypeError, ValueError, AttributeError) as error:  # JSON of any shape
         raise ValueError(f"{path}: the model's configuration is invalid ({error})") from error
     tensors = load_file(str(path))
     try:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .config import QuantConfig, QuantizerConfig, UNetConfig
 from .model import BATCH_NORMS, FoldedBatchNorm, UNet, build_unet, fold_batch_norm
 from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
+from .quant.functional import MAX_FRAC_BITS
 from .quant.layers import QuantConvNd
 from .quant.packing import pack_codes, unpack_codes
 from .quant.quantizers import FixedPointQuantizer, RunningStat
@@ -165,7 +166,9 @@ def _read_codes(
             f"{name}: packed as {info['method']} {bits!r} bits (offset {offset!r}), configured "
             f"as {config.label}; the file is damaged or was edited"
         )
-    if (frac is None) == (config.method == "fixed") or not (frac is None or type(frac) is int):
+    if (frac is None) == (config.method == "fixed") or not (
+        frac is None or (type(frac) is int and abs(frac) <= MAX_FRAC_BITS)  # 2**-frac is finite
+    ):
         raise ValueError(f"{name}: the fixed-point shift {frac!r} does not fit {config.label}")
     if list(shape) != list(info["shape"]):
         raise ValueError(f"{name}: packed shape {info['shape']} but the network has {shape}")
