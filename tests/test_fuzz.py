@@ -203,3 +203,16 @@ def test_a_packed_shift_beyond_float32_is_refused(w4a6_model_file: Path, shift: 
     packed.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
     with pytest.raises(ValueError, match=rf"packed\.safetensors: .*fixed-point shift {shift}"):
         load_model(packed)
+
+
+def test_a_tiff_whose_pages_loop_ends_in_a_clean_error_not_a_hang(
+    targets: dict[str, list[Any]], tmp_path: Path
+) -> None:
+    """Case 13774 of ``read_volume/tiff-raw``: IFDs that point back at each other, on which
+    tifffile's series parsing iterated for ever."""
+    readers = targets["tiff-raw"]
+    data = fz.mutate(readers[0].seed, random.Random("read_volume/tiff-raw/0/13774"))
+    path = fz.write_case(readers[0].seed, data, tmp_path / "case")
+    for target in readers:  # read_volume and open_volume
+        outcome = fz.run_case(target, path, 20.0)
+        assert outcome.kind == "clean error", outcome.detail

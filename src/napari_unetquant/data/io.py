@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def read_volume(path: str | Path) -> Volume:
     except MemoryError as error:  # a header declaring a huge image (damaged, or really huge)
         raise InputError(f"{path}: {TOO_LARGE} ({one_line(error)}); {TOO_LARGE_FIX}") from error
     except Exception as error:  # a library's own error on a damaged file
-        raise ValueError(
+        raise InputError(
             f"{path}: could not be read as {suffix_of(path)} ({one_line(error)}); "
             f"check that the file is complete and of that format"
         ) from error
@@ -160,10 +160,26 @@ def _grey_channels(array: np.ndarray, path: Path) -> np.ndarray:
     return colour[..., 0]
 
 
-def _read_tiff(path: Path) -> Volume:
+def open_tiff(path: Path) -> Any:
+    """``tifffile.TiffFile(path)`` after walking its chain of pages to the end, where tifffile
+    notices a chain that loops back on itself: without that walk, tifffile 2026.3 parsed the
+    series of such a file for ever (found by fuzzing). A chain with no end is refused."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tiff:
+    tiff = tifffile.TiffFile(path)
+    try:
+        tiff.pages[len(tiff.pages)]  # one past the last page must not exist
+    except IndexError:
+        return tiff
+    tiff.close()
+    raise InputError(
+        f"{path}: its TIFF pages link back to one another in a loop (a damaged file); "
+        f"check that the file is complete, or save it again"
+    )
+
+
+def _read_tiff(path: Path) -> Volume:
+    with open_tiff(path) as tiff:
         series = tiff.series[0]
         array = np.asarray(series.asarray())
         if series.axes.endswith("S"):  # samples per pixel: RGB(A), not slices

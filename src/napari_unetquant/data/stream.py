@@ -30,6 +30,7 @@ from .io import (
     check_readable,
     folder_files,
     one_line,
+    open_tiff,
     read_volume,
     suffix_of,
 )
@@ -177,7 +178,7 @@ def open_volume(path: str | Path) -> SliceSource:
 def _open_tiff(path: Path) -> SliceSource:
     import tifffile
 
-    tiff = tifffile.TiffFile(path)
+    tiff = open_tiff(path)
     series = tiff.series[0]
     shape = tuple(series.shape)
     pages = series.pages
