@@ -185,3 +185,16 @@ def test_slices_outside_the_volume_are_an_error_not_a_damaged_file(tmp_path: Pat
         pytest.raises(IndexError, match="it has 11 slices"),
     ):
         source.slices(11, 12)
+
+
+def test_a_stack_written_page_by_page_is_every_slice_not_the_first(tmp_path: Path) -> None:
+    stack = _stack()
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tiff:  # one series per page: no ImageJ/OME metadata
+        for one in stack:
+            tiff.write(one, photometric="minisblack")
+    assert len(tifffile.TiffFile(path).series) == len(stack)
+    assert np.array_equal(read_volume(path).array, stack)
+    with open_volume(path) as source:
+        assert source.shape == stack.shape
+        assert np.array_equal(np.concatenate(list(source.chunks(4))), stack)

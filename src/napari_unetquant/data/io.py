@@ -178,8 +178,22 @@ def open_tiff(path: Path) -> Any:
     )
 
 
+def slices_as_series(tiff: Any) -> bool:
+    """Whether a TIFF holds its slices as several one-page series of one size (what writing a
+    stack page by page without ImageJ or OME metadata gives): tifffile's first series would
+    then be the first slice only."""
+    series = tiff.series
+    first = series[0]
+    return len(series) > 1 and all(
+        s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype and len(s.pages) == 1
+        for s in series
+    )
+
+
 def _read_tiff(path: Path) -> Volume:
     with open_tiff(path) as tiff:
+        if slices_as_series(tiff):
+            return Volume(np.stack([s.asarray() for s in tiff.series]), source=str(path))
         series = tiff.series[0]
         array = np.asarray(series.asarray())
         if series.axes.endswith("S"):  # samples per pixel: RGB(A), not slices

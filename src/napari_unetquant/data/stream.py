@@ -32,6 +32,7 @@ from .io import (
     one_line,
     open_tiff,
     read_volume,
+    slices_as_series,
     suffix_of,
 )
 
@@ -179,6 +180,15 @@ def _open_tiff(path: Path) -> SliceSource:
     import tifffile
 
     tiff = open_tiff(path)
+    if slices_as_series(tiff):  # page i is slice i
+        first = tiff.series[0]
+        return SliceSource(
+            (len(tiff.series), *first.shape),
+            np.dtype(first.dtype),
+            lambda start, stop: tiff.asarray(key=range(start, stop)),
+            source=str(path),
+            close=tiff.close,
+        )
     series = tiff.series[0]
     shape = tuple(series.shape)
     pages = series.pages
