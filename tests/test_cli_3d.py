@@ -159,3 +159,11 @@ def test_segment_with_a_3d_model_and_refuse_integer(
     config = InferConfig(tile_3d=(4, 16, 16))
     expected = segment_volume(load_model(model_3d), read_volume(image), config, "cpu") >= 0.5
     assert np.array_equal(read_volume(boxed).array, expected)
+
+
+def test_crop_depth_without_a_3d_network_is_refused(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    code, _, err = _run(_train(shared_data, out, "--crop-depth", "8", "--steps", "2"), capsys)
+    assert code == 2 and "add --spatial-dims 3" in err and not out.exists()

@@ -147,6 +147,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, reports: bool) -> int:
     from .jobs import TrainJob, train_model
 
+    if args.crop_depth is not None and args.spatial_dims != 3 and not args.init:
+        raise ValueError(
+            "--crop-depth sets the slices of 3D training patches; add --spatial-dims 3 for a "
+            "3D U-Net, or drop it (2D U-Nets train on single slices)"
+        )
+
     job = TrainJob(
         images=tuple(args.images),
         labels=tuple(args.labels),
@@ -157,7 +163,7 @@ def _train(args: argparse.Namespace, reports: bool) -> int:
             steps=_default(args.steps, FINE_TUNE_STEPS if args.init else TrainConfig.steps),
             batch_size=args.batch_size,
             crop=args.crop,
-            crop_depth=args.crop_depth,
+            crop_depth=_default(args.crop_depth, TrainConfig.crop_depth),
             learning_rate=_default(
                 args.lr, FINE_TUNE_LR if args.init else TrainConfig.learning_rate
             ),
@@ -548,7 +554,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     train.add_argument(
         "--crop-depth",
         type=int,
-        default=TrainConfig.crop_depth,
         help=f"slices per 3D training patch (default {TrainConfig.crop_depth}; 3D U-Nets only)",
     )
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
