@@ -9,6 +9,7 @@ both must build exactly the same data, networks and settings: they come from her
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -93,6 +94,7 @@ def main(out: Path) -> None:
             path = str(out / f"{setting}.safetensors")
             save_file(tensors, path, {"summary": json.dumps(summary)})
     diverge_on_one_process(out, parallel)
+    gc.collect()  # the trainers' DDP reducers go before the group they use
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

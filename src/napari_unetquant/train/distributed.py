@@ -12,6 +12,7 @@ processes compute the update one process computes, up to the order of float summ
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import tempfile
@@ -116,6 +117,7 @@ def process_group(device: str = "auto") -> Iterator[Torchrun | None]:
     dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     try:
         yield launch
+        gc.collect()  # DistributedDataParallel reducers left in cycles go before the group
         dist.barrier()  # every process is done with the group before any leaves it
     finally:
         dist.destroy_process_group()
