@@ -37,7 +37,7 @@ from .data.io import (
 )
 from .data.preprocess import foreground_mask
 from .data.stream import SliceSource, open_volume, write_mask_stream
-from .devices import resolve_device
+from .devices import inference_device
 from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
 from .modelio import SegmentationModel, check_grey_input, load_model
@@ -259,8 +259,7 @@ def segment_item(
     start = time.perf_counter()
     try:
         bundle = _model(model_path)
-        target = torch.device("cpu") if config.integer and device == "auto" else None
-        target = target or resolve_device(device)
+        target = inference_device(device, config.integer)
         bundle.model.to(target)
         with open_volume(item.image) as source:
             labels = label_mask(item.labels, source, foreground_value) if item.labels else None

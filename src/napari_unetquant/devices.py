@@ -27,5 +27,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def inference_device(name: str, integer: bool) -> torch.device:
+    """Where inference runs: integer inference is CPU code, so ``auto`` means the CPU there."""
+    if integer and name == "auto":
+        return torch.device("cpu")
+    return resolve_device(name)
+
+
 def _is_cuda_index(name: str) -> bool:
     return name.startswith("cuda:") and name[5:].isdigit()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .batch import SegmentedFile, label_mask, segment_to_path
 from .config import InferConfig, PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
 from .data.io import Volume, remove_partial_writes
 from .data.stream import SliceSource, open_volume, volume_source
-from .devices import resolve_device
+from .devices import inference_device
 from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
 from .model import build_unet
@@ -44,7 +44,6 @@ from .train import (
 from .train.distributed import first_process_file
 
 AUTO = "auto"
-Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -387,13 +386,6 @@ def sweep(
         )
 
 
-def _inference_device(device: str, config: InferConfig) -> torch.device:
-    """Where inference runs: integer inference is CPU code, so ``auto`` means the CPU there."""
-    if config.integer and device == "auto":
-        return torch.device("cpu")
-    return resolve_device(device)
-
-
 def segment_array(
     bundle: SegmentationModel,
     image: Volume | SliceSource,
@@ -402,10 +394,9 @@ def segment_array(
 ) -> Generator[int, None, np.ndarray]:
     """Segment an image held or opened in memory (a layer's NumPy or dask data) into a uint8
     mask on its own grid, slice run by slice run: yields the number of slices done as they
-    finish and returns the ``(S, H, W)`` mask (``mask = yield from segment_array(...)``, or
-    :func:`consume`)."""
+    finish and returns the ``(S, H, W)`` mask (``mask = yield from segment_array(...)``)."""
     source = image if isinstance(image, SliceSource) else volume_source(image)
-    target = _inference_device(device, config)
+    target = inference_device(device, config.integer)
     bundle.model.to(target)
     mask = np.empty(source.shape, np.uint8)
     done = 0
@@ -415,15 +406,6 @@ def segment_array(
             done += 1
             yield done
     return mask
-
-
-def consume(steps: Generator[Any, None, Result]) -> Result:
-    """Run a generator of progress steps to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
 
 
 def segment_to_file(
@@ -437,7 +419,7 @@ def segment_to_file(
         raise ValueError(f"{out_path}: write masks as .tif, .tiff, .nii or .nii.gz")
     bundle = load_model(model_path)
     check_grey_input(bundle, model_path)
-    target = _inference_device(device, config)
+    target = inference_device(device, config.integer)
     bundle.model.to(target)
     with open_volume(image_path) as source:
         return segment_to_path(bundle, source, out_path, config, target)
@@ -458,7 +440,7 @@ def evaluate_files(
             f"{len(images)} image path(s) but {len(labels)} label path(s); give one label file "
             f"per image, in the same order"
         )
-    target = _inference_device(device, config)
+    target = inference_device(device, config.integer)
     bundle.model.to(target)
     scores = []
     for image, label in zip(images, labels, strict=True):

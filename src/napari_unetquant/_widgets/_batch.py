@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import napari
 from magicgui.widgets import (
@@ -144,8 +143,3 @@ class BatchWidget(Container):
         if errors:  # the table says which; a notification makes sure it is seen
             notify_error(ValueError(f"{failed} of {total} volumes failed: {errors[0]}"))
         self.worker = None
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """The CSV rows of the finished volumes."""
-        return [result.row() for result in self.results]

@@ -89,11 +89,6 @@ class SliceSource:
         for start in range(0, self.shape[0], size):
             yield self.slices(start, start + size)
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes the whole image would take in memory."""
-        return int(np.prod(self.shape)) * self.dtype.itemsize
-
     def __enter__(self) -> SliceSource:
         return self
 
