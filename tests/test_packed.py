@@ -15,7 +15,6 @@ from napari_unetquant.model import (
     BatchNorm2d,
     BatchNorm3d,
     FoldedBatchNorm,
-    FoldedBatchNorm2d,
     build_unet,
 )
 from napari_unetquant.modelio import SegmentationModel, load_model, read_metadata, save_model
@@ -95,7 +94,7 @@ def test_codes_take_exactly_their_bits_and_batchnorm_is_folded(tmp_path: Path) -
             assert sizes[f"{name}.alpha"] == sizes[f"{name}.beta"] == 4 * module.num_features
             assert f"{name}.running_mean" not in sizes
     loaded = load_model(path)
-    assert any(isinstance(m, FoldedBatchNorm2d) for m in loaded.model.modules())
+    assert any(isinstance(m, FoldedBatchNorm) for m in loaded.model.modules())
 
 
 def test_batchnorm_inference_is_the_folded_arithmetic() -> None:
@@ -107,7 +106,7 @@ def test_batchnorm_inference_is_the_folded_arithmetic() -> None:
         x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
     )
     torch.testing.assert_close(bn(x), reference, rtol=1e-6, atol=1e-6)
-    assert torch.equal(FoldedBatchNorm2d.from_batch_norm(bn)(x), bn(x))
+    assert torch.equal(FoldedBatchNorm.from_batch_norm(bn)(x), bn(x))
 
 
 @pytest.mark.parametrize(("label", "goal"), [("W4A6", 7.9), ("W2A4", 15.5)])

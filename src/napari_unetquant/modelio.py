@@ -28,7 +28,7 @@ from .config import (
     UNetConfig,
 )
 from .data.io import atomic_path, check_readable
-from .model import FoldedBatchNorm2d, build_unet
+from .model import FoldedBatchNorm, build_unet
 from .packed import (
     LAYOUT_PACKED,
     LAYOUT_STATE_DICT,
@@ -100,7 +100,7 @@ def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = Fa
         tensors, config["layers"] = pack_model(bundle.model)
         version = PACKED_VERSION
     else:
-        if any(isinstance(m, FoldedBatchNorm2d) for m in bundle.model.modules()):
+        if any(isinstance(m, FoldedBatchNorm) for m in bundle.model.modules()):
             raise ValueError(
                 "this model was loaded from a packed file (BatchNorm folded); save it packed"
             )

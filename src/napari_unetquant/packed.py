@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from .config import QuantConfig, QuantizerConfig, UNetConfig
 from .model import BATCH_NORMS, FoldedBatchNorm, UNet, build_unet, fold_batch_norm
-from .quant.codes import FrozenWeight, WeightCodes, dequantize, weight_codes
-from .quant.functional import MAX_FRAC_BITS
+from .quant.codes import FrozenWeight, WeightCodes, code_offset, dequantize, weight_codes
+from .quant.functional import MAX_FRAC_BITS, fixed_point_code_range
 from .quant.layers import QuantConvNd
 from .quant.packing import pack_codes, unpack_codes
 from .quant.quantizers import FixedPointQuantizer, RunningStat
@@ -132,8 +132,9 @@ def packed_network(
             assert isinstance(module, QuantConvNd)
             assert isinstance(module.input_quantizer, FixedPointQuantizer)
             frac = int(tensors[f"{name}.input_quantizer.frac_bits"])
-            top = 2**module.input_quantizer.magnitude_bits - 1  # the peak the format covers
-            tensors[f"{name}.input_quantizer.peak.value"] = torch.tensor(top * 2.0**-frac)
+            _, top = fixed_point_code_range(module.input_quantizer.magnitude_bits)
+            covered = top * 2.0**-frac  # the peak the frozen format covers
+            tensors[f"{name}.input_quantizer.peak.value"] = torch.tensor(covered)
             tensors[f"{name}.input_quantizer.peak.initialized"] = torch.tensor(True)
     for name, module in list(model.named_modules()):
         if isinstance(module, BATCH_NORMS):
@@ -160,7 +161,7 @@ def _read_codes(
     config: QuantizerConfig,
 ) -> WeightCodes:
     bits, frac, offset = info["bits"], info["frac_bits"], info["offset"]
-    expected_offset = 0 if config.signed else 2 ** (config.bits - 1)
+    expected_offset = code_offset(config)
     if info["method"] != config.method or bits != config.bits or offset != expected_offset:
         raise ValueError(
             f"{name}: packed as {info['method']} {bits!r} bits (offset {offset!r}), configured "

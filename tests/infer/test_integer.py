@@ -10,10 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_unetquant.config import LayerOverride, QuantConfig, QuantizerConfig, UNetConfig
-from napari_unetquant.data import em_phantom_stack
-from napari_unetquant.infer.integer import IntegerUNet, round_shift
-from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm2d, build_unet
+from napari_unetquant.config import (
+    InferConfig,
+    LayerOverride,
+    QuantConfig,
+    QuantizerConfig,
+    UNetConfig,
+)
+from napari_unetquant.data import Volume, em_phantom_stack
+from napari_unetquant.errors import SettingError
+from napari_unetquant.infer import segment_volume
+from napari_unetquant.infer.integer import IntegerUNet
+from napari_unetquant.infer.integer_ops import round_shift
+from napari_unetquant.model import BatchNorm2d, FoldedBatchNorm, build_unet
 from napari_unetquant.modelio import SegmentationModel, load_model, save_model
 from napari_unetquant.quant import QuantConv2d
 
@@ -68,7 +77,7 @@ def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.6)
                 module.bias.copy_(torch.randint(-8, 9, module.bias.shape, generator=generator) / 4)
         if isinstance(module, BatchNorm2d):
-            folded = FoldedBatchNorm2d(module.num_features)
+            folded = FoldedBatchNorm(module.num_features)
             channels = module.num_features
             exponents = torch.randint(-2, 2, (channels,), generator=generator).float()
             signs = torch.where(torch.rand(channels, generator=generator) < 0.2, -1.0, 1.0)
@@ -152,24 +161,44 @@ def test_quantized_layers_run_on_the_int8_kernel_with_bounded_accumulators(
 
 
 def test_unsupported_models_are_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match="no quantized layer"):
+    with pytest.raises(SettingError, match="no quantized layer") as error:
         IntegerUNet(build_unet(UNetConfig(base_width=4, depth=2)))
+    assert error.value.settings == ("integer", "weight_bits", "act_bits")
     ternary = build_unet(UNetConfig(base_width=4, depth=2), QuantConfig.from_label("ternary"))
-    with pytest.raises(ValueError, match="without --integer"):
+    with pytest.raises(SettingError, match="without integer inference") as error:
         IntegerUNet(ternary)
+    assert error.value.settings == ("integer",)
     with pytest.raises(ValueError, match="U-Net only"):
         IntegerUNet(torch.nn.Conv2d(1, 1, 3))
     wide = QuantConfig(weight=QuantConfig.paper().weight, act=QuantizerConfig.from_format("Q8.0"))
-    with pytest.raises(ValueError, match="int8 kernels"):
+    with pytest.raises(SettingError, match="int8 kernels") as error:
         IntegerUNet(build_unet(UNetConfig(base_width=4, depth=2), wide).eval())
+    assert error.value.settings == ("weight_bits", "act_bits", "integer")
+
+
+def test_an_untrained_dynamic_format_is_refused_with_the_fix() -> None:
+    untrained = build_unet(UNetConfig(base_width=4, depth=2), QuantConfig.from_label("W4A6"))
+    with pytest.raises(SettingError, match=r"never chosen .* train the model") as error:
+        IntegerUNet(untrained.eval())
+    assert error.value.settings == ("integer",)
 
 
 def test_3d_models_are_refused_up_front_with_the_fix() -> None:
     unet = UNetConfig(base_width=2, depth=2, spatial_dims=3)
     model = build_unet(unet, QuantConfig.from_label("W4A6")).eval()
-    message = r"^integer inference runs 2D U-Nets only; this model is 3D: drop --integer"
-    with pytest.raises(ValueError, match=message):
+    message = r"^integer inference runs 2D U-Nets only; this model is 3D: run it without integer"
+    with pytest.raises(SettingError, match=message) as error:
         IntegerUNet(model)
+    assert error.value.settings == ("integer",)
+
+
+def test_integer_inference_off_the_cpu_is_refused_with_the_fix() -> None:
+    model = _train(QuantConfig.from_label("W4A6"), steps=1)
+    bundle = SegmentationModel(model, UNetConfig(base_width=8, depth=3), QuantConfig())
+    volume = Volume(np.zeros((1, 16, 16), np.float32))
+    with pytest.raises(SettingError, match="runs on the CPU, not cuda; use the CPU") as error:
+        segment_volume(bundle, volume, InferConfig(integer=True), "cuda")
+    assert error.value.settings == ("device", "integer")
 
 
 def test_input_of_any_size_is_padded_and_cropped_like_the_model() -> None:
@@ -216,16 +245,16 @@ def test_a_cached_integer_network_does_not_keep_its_model_alive() -> None:
     import gc
     import weakref
 
-    from napari_unetquant.infer.predict import integer_network
+    from napari_unetquant.infer.predict import cached_integer_unet
 
     model = _train(QuantConfig.from_label("W4A6"), steps=2)
-    net = integer_network(model)
-    assert integer_network(model) is net  # built once
+    net = cached_integer_unet(model)
+    assert cached_integer_unet(model) is net  # built once
     net(torch.randn(1, 1, 32, 32))
-    assert integer_network(model) is net  # running it changes nothing that counts
+    assert cached_integer_unet(model) is net  # running it changes nothing that counts
     with torch.no_grad():
         model.head.bias.add_(0.0)  # an in-place change of a parameter rebuilds it
-    assert integer_network(model) is not net
+    assert cached_integer_unet(model) is not net
     alive = weakref.ref(model)
     del model, net
     gc.collect()

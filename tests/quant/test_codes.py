@@ -42,6 +42,21 @@ def test_codes_times_scales_are_the_quantized_weights_bit_for_bit(config: Quanti
         assert torch.equal(codes.scale, torch.full((7,), 2.0**-codes.frac_bits))
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_each_quantizer_gives_its_codes_and_leaves_the_weight_alone(
+    config: QuantizerConfig,
+) -> None:
+    layer = QuantConv2d(3, 4, 3, padding=1, weight_quant=config)
+    layer.weight_quantizer(layer.weight)
+    weight = layer.weight.detach()
+    before = weight.clone()
+    codes, step, frac_bits = layer.weight_quantizer.integer_codes(weight)
+    assert torch.equal(weight, before)
+    assert torch.equal(codes, codes.round()) and step.shape == (4,)
+    assert (frac_bits is not None) == (config.method == "fixed")
+    assert torch.equal(codes * step.reshape(-1, 1, 1, 1), layer.quantized_weight().detach())
+
+
 def test_float_weights_have_no_codes() -> None:
     layer = QuantConv2d(2, 2, 3)
     with pytest.raises(ValueError, match="no codes"):

@@ -25,6 +25,15 @@ def test_fixed_point_grid_and_saturation(magnitude_bits: int, frac_bits: int) ->
     assert torch.all((q[inside] - x[inside]).abs() <= step / 2 + 1e-6), "rounds to nearest"
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("magnitude_bits", [1, 3, 6, 15])
+def test_the_code_range_is_where_the_quantizer_saturates(magnitude_bits: int, signed: bool) -> None:
+    lowest, highest = qf.fixed_point_code_range(magnitude_bits, signed=signed)
+    assert highest == 2**magnitude_bits - 1 and lowest == (-highest if signed else 0)
+    q = qf.fixed_point_quantize(torch.tensor([-1e9, 1e9]), magnitude_bits, 0, signed=signed)
+    assert q.tolist() == [lowest, highest]
+
+
 def test_fixed_point_saturates_instead_of_wrapping_like_the_reference_code() -> None:
     # The reference implementation maps 1.3 to 0.3125 in Q0.4 (the integer part wraps).
     x = torch.tensor([1.3, -1.3, 0.97, 100.0])

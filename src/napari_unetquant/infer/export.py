@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..data.io import atomic_path
 from ..quant.codes import weight_codes
-from .integer import UPSAMPLE_EXTRA_BITS, ActFormat, IntegerUNet
+from .integer import IntegerUNet
+from .integer_ops import UPSAMPLE_EXTRA_BITS, ActFormat
 
 INTEGER_FORMAT = "napari-unetquant-integer"
 INTEGER_VERSION = 1
@@ -32,8 +33,10 @@ def _format_json(fmt: ActFormat | None) -> dict[str, Any] | None:
     return {"lo": fmt.lo, "hi": fmt.hi, "step": fmt.step, "frac_bits": fmt.frac_bits}
 
 
-def integer_network(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and the JSON description of ``model``'s integer network."""
+def integer_file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """What :func:`export_integer` writes: the tensors of ``model``'s integer network
+    (``{name: tensor}``, on the CPU, contiguous) and its description (a JSON-able dict with
+    ``"unet"``, ``"upsample_extra_bits"`` and ``"layers"``; see ``docs/integer-format.md``)."""
     net = IntegerUNet(model)
     tensors: dict[str, Tensor] = {}
     layers = []
@@ -86,7 +89,7 @@ def export_integer(model: nn.Module, path: str | Path, info: dict[str, Any] | No
     """Write ``model``'s integer network to ``path`` (atomically)."""
     from safetensors.torch import save_file
 
-    tensors, description = integer_network(model)
+    tensors, description = integer_file_contents(model)
     metadata = {
         "format": INTEGER_FORMAT,
         "version": str(INTEGER_VERSION),

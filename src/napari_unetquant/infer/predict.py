@@ -13,6 +13,7 @@ from ..config import InferConfig
 from ..data.io import Volume
 from ..data.preprocess import normalize, resize_slices, target_shape
 from ..data.stream import SliceSource, volume_source
+from ..errors import SettingError
 from ..modelio import SegmentationModel
 from .integer import IntegerUNet
 
@@ -164,7 +165,7 @@ _INTEGER_NETWORKS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], I
 _INTEGER_NETWORKS = weakref.WeakKeyDictionary()
 
 
-def integer_network(model: nn.Module) -> IntegerUNet:
+def cached_integer_unet(model: nn.Module) -> IntegerUNet:
     """``IntegerUNet(model)``, built once per model and rebuilt when its parameters change
     (optimizer steps and other in-place updates bump a tensor's version counter; quantizer
     buffers are left out: evaluation rewrites them with the same values)."""
@@ -197,10 +198,13 @@ def segment_source(
     network: nn.Module | IntegerUNet = bundle.model
     if config.integer:
         if torch.device(device).type != "cpu":
-            raise ValueError(
-                f"integer inference runs on the CPU, not {device}; use the CPU or drop --integer"
+            raise SettingError(
+                f"integer inference runs on the CPU, not {device}; use the CPU or run the float "
+                f"simulation",
+                "device",
+                "integer",
             )
-        network = integer_network(bundle.model)
+        network = cached_integer_unet(bundle.model)
     plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
 
     def read(start: int, stop: int) -> np.ndarray:

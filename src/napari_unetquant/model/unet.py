@@ -95,10 +95,6 @@ class FoldedBatchNorm(nn.Module):
         return affine_channels(x, self.alpha, self.beta)
 
 
-FoldedBatchNorm2d = FoldedBatchNorm
-"""The name :class:`FoldedBatchNorm` had when networks were 2D only."""
-
-
 def _conv(in_channels: int, out_channels: int, spatial_dims: int) -> nn.Module:
     """A 3x3 (3x3x3) convolution keeping the spatial size."""
     if spatial_dims == 3:

@@ -14,14 +14,7 @@ import torch
 from torch import Tensor
 
 from ..config import QuantizerConfig
-from . import functional as qf
-from .quantizers import (
-    BinaryQuantizer,
-    FixedPointQuantizer,
-    LSQQuantizer,
-    Quantizer,
-    TernaryQuantizer,
-)
+from .quantizers import IntegerCodes, Quantizer, output_channel_view
 
 
 @dataclass(frozen=True)
@@ -46,55 +39,26 @@ class WeightCodes:
 
 @torch.no_grad()
 def weight_codes(quantizer: Quantizer, weight: Tensor) -> WeightCodes:
-    """The integer codes and per-channel scales that ``quantizer`` maps ``weight`` to (for a
-    :class:`FrozenWeight`, the codes it was loaded from).
+    """The integer codes and per-channel scales that ``quantizer`` maps ``weight``
+    ``(C_out, ...)`` to (for a :class:`FrozenWeight`, the codes it was loaded from), as each
+    quantizer's :meth:`~.quantizers.Quantizer.integer_codes` gives them.
 
     Raises ``ValueError`` for a full-precision quantizer (nothing to pack).
     """
-    if isinstance(quantizer, FrozenWeight):
-        return quantizer.codes
-    weight = weight.detach().float()
-    channels = weight.shape[0]
-    per_channel = (-1,) + (1,) * (weight.dim() - 1)
+    codes, step, frac = quantizer.integer_codes(weight.detach().float())
     config = quantizer.config
-    if isinstance(quantizer, FixedPointQuantizer):
-        quantizer(weight)  # dynamic formats choose their shift here
-        frac = int(quantizer.frac_bits)
-        top = float(2**quantizer.magnitude_bits - 1)
-        bottom = -top if config.signed else 0.0
-        codes = (weight * 2.0**frac).clamp_(bottom, top).round_()
-        scale = torch.full((channels,), 2.0**-frac)
-        return _codes(codes, scale, config, frac)
-    if isinstance(quantizer, LSQQuantizer):
-        step = quantizer.effective_step().float()
-        step = step.expand(channels) if step.numel() == 1 else step
-        codes = (weight / step.reshape(per_channel)).clamp_(
-            -quantizer.q_negative, quantizer.q_positive
-        )
-        return _codes(codes.round_(), step.clone(), config, None)
-    if isinstance(quantizer, TernaryQuantizer):
-        dims = tuple(range(1, weight.dim()))
-        threshold, scale = qf.twn_threshold_and_scale(weight, dims)
-        codes = torch.sign(weight).mul_(weight.abs() > threshold)
-        return _codes(codes, scale.reshape(-1), config, None)
-    if isinstance(quantizer, BinaryQuantizer):
-        dims = tuple(range(1, weight.dim()))
-        scale = weight.abs().mean(dim=dims).clamp_min(1e-8)
-        codes = (weight >= 0).to(weight.dtype).mul_(2).sub_(1)
-        return _codes(codes, scale, config, None)
-    raise ValueError(
-        f"a {config.label} weight quantizer stores float weights; there are no codes to pack"
-    )
+    return WeightCodes(codes.to(torch.int32), step.float(), config.bits, frac, code_offset(config))
 
 
-def _codes(codes: Tensor, scale: Tensor, config: QuantizerConfig, frac: int | None) -> WeightCodes:
-    offset = 2 ** (config.bits - 1) if not config.signed else 0
-    return WeightCodes(codes.to(torch.int32), scale.float(), config.bits, frac, offset)
+def code_offset(config: QuantizerConfig) -> int:
+    """What :class:`WeightCodes` subtracts before packing: ``2**(bits - 1)`` for unsigned
+    codes (so ``0 .. 2**bits - 1`` fits ``bits`` signed bits), 0 for signed ones."""
+    return 0 if config.signed else 2 ** (config.bits - 1)
 
 
 def dequantize(codes: WeightCodes) -> Tensor:
     """The float weights ``codes * scale`` (bit-identical to the quantizer's output)."""
-    view = (-1,) + (1,) * (codes.codes.dim() - 1)
+    view = output_channel_view(codes.codes)
     return codes.codes.to(torch.float32).mul_(codes.scale.reshape(view))
 
 
@@ -114,3 +78,7 @@ class FrozenWeight(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        """The codes this layer was loaded from (``weight`` is their dequantized values)."""
+        return IntegerCodes(self.codes.codes, self.codes.scale, self.codes.frac_bits)

@@ -35,10 +35,20 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
     return result
 
 
+def fixed_point_code_range(magnitude_bits: int, *, signed: bool = True) -> tuple[int, int]:
+    """The lowest and highest integer code of a sign-magnitude fixed-point format with
+    ``magnitude_bits`` bits besides the sign (a ``b``-bit format has ``b - 1`` when ``signed``,
+    ``b`` when not): ``(-(2**magnitude_bits - 1), 2**magnitude_bits - 1)`` when ``signed``,
+    ``(0, 2**magnitude_bits - 1)`` when not. Its values are ``code * 2**-frac_bits``."""
+    highest = 2**magnitude_bits - 1
+    return (-highest if signed else 0), highest
+
+
 def fixed_point_limit(magnitude_bits: int, frac_bits: int | Tensor) -> Tensor:
     """Largest magnitude of a sign-magnitude format: ``(2**magnitude_bits - 1) * 2**-frac_bits``."""
     frac = torch.as_tensor(frac_bits, dtype=torch.float32)
-    return (2.0**magnitude_bits - 1.0) * torch.pow(2.0, -frac)
+    _, highest = fixed_point_code_range(magnitude_bits)
+    return float(highest) * torch.pow(2.0, -frac)
 
 
 class _FixedPointSTE(torch.autograd.Function):
@@ -83,9 +93,10 @@ def fixed_point_quantize(
     The gradient is straight-through: identity everywhere, or, with ``clip_gradient``, zero
     where ``x`` lies outside the representable range.
     """
-    top = float(2**magnitude_bits - 1)
-    bottom = -top if signed else 0.0
-    return _apply(_FixedPointSTE, x, 2.0 ** int(frac_bits), bottom, top, clip_gradient)
+    bottom, top = fixed_point_code_range(magnitude_bits, signed=signed)
+    return _apply(
+        _FixedPointSTE, x, 2.0 ** int(frac_bits), float(bottom), float(top), clip_gradient
+    )
 
 
 def choose_frac_bits(x: Tensor, magnitude_bits: int, rule: str = "mse") -> int:
@@ -109,7 +120,8 @@ def frac_bits_for_peak(x: Tensor | None, peak: float, magnitude_bits: int, rule:
         )
     if peak <= 0.0:
         return magnitude_bits  # an all-zero tensor: any format is exact
-    covering = min(math.floor(math.log2((2**magnitude_bits - 1) / peak)), MAX_FRAC_BITS)
+    _, highest = fixed_point_code_range(magnitude_bits)
+    covering = min(math.floor(math.log2(highest / peak)), MAX_FRAC_BITS)
     if rule == "max" or x is None:
         return covering
     detached = x.detach()

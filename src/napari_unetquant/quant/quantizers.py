@@ -9,6 +9,7 @@ averages, updated in training and frozen in evaluation (like BatchNorm).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,24 @@ from .global_batch import batch_max, batch_sum, current_shard
 
 ROLES = ("weight", "act")
 _RUNNING_MOMENTUM = 0.1
+
+
+class IntegerCodes(NamedTuple):
+    """What a quantizer maps a weight tensor ``(C_out, ...)`` to: ``codes * step[c]``.
+
+    ``codes`` are integer-valued (any integer or float dtype), shaped like the weights;
+    ``step`` is ``(C_out,)`` float32; ``frac_bits`` is the fixed-point shift
+    (``step == 2**-frac_bits``) or ``None`` for learned or statistic steps.
+    """
+
+    codes: Tensor
+    step: Tensor
+    frac_bits: int | None
+
+
+def output_channel_view(weight: Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a ``(C_out,)`` tensor against ``weight`` ``(C_out, ...)``."""
+    return (-1,) + (1,) * (weight.dim() - 1)
 
 
 class Quantizer(nn.Module):
@@ -46,6 +65,17 @@ class Quantizer(nn.Module):
         the method allows (the same arithmetic as ``forward``, so the same values)."""
         result: Tensor = self(x)
         return result
+
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        """Inference only: the integer codes and per-output-channel steps that this quantizer
+        maps ``weight`` ``(C_out, ...)`` float32 to (``weight`` is left unchanged).
+
+        Raises ``ValueError`` for a method without codes (full precision).
+        """
+        raise ValueError(
+            f"a {self.config.label} weight quantizer stores float weights; there are no codes "
+            f"to pack"
+        )
 
     def _reduce_dims(self, x: Tensor) -> tuple[int, ...]:
         """Axes pooled into one statistic: all but the output channel for weights, all for acts."""
@@ -126,11 +156,17 @@ class FixedPointQuantizer(Quantizer):
         """Inference only, frozen formats: ``x`` overwritten by its integer codes (values
         ``codes * 2**-frac_bits`` are what ``forward`` returns; the scaling is exact).
         ``prescaled``: ``x`` already holds the values times ``2**frac_bits``."""
-        top = float(2**self.magnitude_bits - 1)
-        bottom = -top if self.config.signed else 0.0
+        bottom, top = qf.fixed_point_code_range(self.magnitude_bits, signed=self.config.signed)
         if not prescaled:
             x = x.mul_(2.0 ** int(self.frac_bits))
-        return x.clamp_(bottom, top).round_()
+        return x.clamp_(float(bottom), float(top)).round_()
+
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        if self.config.is_dynamic:
+            self(weight)  # a dynamic format chooses its shift here
+        frac = int(self.frac_bits)
+        codes = self.codes_(weight * 2.0**frac, prescaled=True)
+        return IntegerCodes(codes, torch.full((weight.shape[0],), 2.0**-frac), frac)
 
     def _dynamic_frac_bits(self, x: Tensor) -> int:
         rule = self.config.dynamic_rule
@@ -210,6 +246,14 @@ class LSQQuantizer(Quantizer):
             step = torch.pow(2.0, torch.round(torch.log2(step)))
         return step
 
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        step = self.effective_step().float()
+        step = step.expand(weight.shape[0]) if step.numel() == 1 else step
+        codes = (weight / step.reshape(output_channel_view(weight))).clamp_(
+            -self.q_negative, self.q_positive
+        )
+        return IntegerCodes(codes.round_(), step.clone(), None)
+
     def quantize_(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):
             return super().quantize_(x)
@@ -224,7 +268,7 @@ class LSQQuantizer(Quantizer):
 
     def _broadcast(self, step: Tensor, x: Tensor) -> Tensor:
         if self.role == "weight":
-            return step.reshape((-1,) + (1,) * (x.dim() - 1))
+            return step.reshape(output_channel_view(x))
         return step.reshape(())
 
     @torch.no_grad()
@@ -264,6 +308,12 @@ class TernaryQuantizer(Quantizer):
             scale = self.scale.update(scale, self.training)
         return qf.ternarize(x, threshold, scale, clip_gradient=self.config.clip_gradient)
 
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        dims = tuple(range(1, weight.dim()))
+        threshold, scale = qf.twn_threshold_and_scale(weight, dims)
+        codes = torch.sign(weight).mul_(weight.abs() > threshold)
+        return IntegerCodes(codes, scale.reshape(-1), None)
+
 
 def _batch_twn_threshold_and_scale(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`~.functional.twn_threshold_and_scale` over every axis of a sharded batch (the
@@ -295,6 +345,12 @@ class BinaryQuantizer(Quantizer):
             return qf.binarize(x)
         scale = x.detach().abs().mean(dim=self._reduce_dims(x), keepdim=True).clamp_min(1e-8)
         return qf.binarize(x, scale)
+
+    def integer_codes(self, weight: Tensor) -> IntegerCodes:
+        dims = tuple(range(1, weight.dim()))
+        scale = weight.abs().mean(dim=dims).clamp_min(1e-8)
+        codes = (weight >= 0).to(weight.dtype).mul_(2).sub_(1)
+        return IntegerCodes(codes, scale, None)
 
 
 def build_quantizer(config: QuantizerConfig, role: str, channels: int = 1) -> Quantizer:
