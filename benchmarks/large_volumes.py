@@ -29,8 +29,7 @@ import torch
 
 from _common import RESULTS, ROOT, machine, machine_line, update_readme, write_results
 from napari_unetquant.config import InferConfig, QuantConfig, UNetConfig
-from napari_unetquant.data.io import Volume, read_volume, write_mask
-from napari_unetquant.data.stream import write_mask_stream
+from napari_unetquant.data.io import Volume, read_volume, write_mask, write_mask_stream
 from napari_unetquant.infer import segment_volume
 from napari_unetquant.jobs import segment_to_file
 from napari_unetquant.model import build_unet

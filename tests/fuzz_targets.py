@@ -437,7 +437,7 @@ def check_read_volume(path: Path) -> None:
 
 
 def check_open_volume(path: Path) -> None:
-    from napari_unetquant.data.stream import open_volume
+    from napari_unetquant.data import open_volume
 
     with open_volume(path) as source:
         assert len(source.shape) == 3 and min(source.shape) >= 1, source.shape

@@ -19,8 +19,7 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_unetquant.data import read_volume
-from napari_unetquant.data.stream import open_volume
+from napari_unetquant.data import open_volume, read_volume
 from napari_unetquant.modelio import load_model
 
 
@@ -53,6 +52,7 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
     return grouped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed_name", [*fz.IMAGE_SEEDS, *fz.MODEL_SEEDS])
 @settings(max_examples=EXAMPLES)
 @given(rng=st.randoms(use_true_random=False))

@@ -80,6 +80,36 @@ def test_grey_rgb_png_becomes_one_channel(tmp_path: Path) -> None:
     assert np.array_equal(read_volume(tmp_path / "rgb.png").array[0], grey)
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_arrays_on_disk_read_into_writable_memory(tmp_path: Path, suffix: str) -> None:
+    stack = np.random.default_rng(3).integers(0, 255, (4, 6, 5), dtype=np.uint8)
+    path = tmp_path / f"stack{suffix}"
+    if suffix == ".npy":
+        np.save(path, stack)
+    else:
+        import zarr
+
+        zarr.save_array(str(path), stack)
+    volume = read_volume(path)
+    assert np.array_equal(volume.array, stack) and volume.source == str(path)
+    assert volume.array.flags.writeable and not isinstance(volume.array, np.memmap)
+
+
+def test_a_folder_of_stacks_is_the_stacks_in_name_order(tmp_path: Path) -> None:
+    stacks = np.random.default_rng(4).integers(0, 255, (2, 3, 8, 7), dtype=np.uint8)
+    for index, stack in enumerate(stacks):
+        tifffile.imwrite(tmp_path / f"part{index}.tif", stack, photometric="minisblack")
+    assert np.array_equal(read_volume(tmp_path).array, stacks.reshape(6, 8, 7))
+
+
+def test_a_damaged_slice_in_a_folder_is_named(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        iio.imwrite(tmp_path / name, np.zeros((16, 16), np.uint8))
+    (tmp_path / "b.png").write_bytes((tmp_path / "b.png").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"b\.png: could not be read as \.png"):
+        read_volume(tmp_path)
+
+
 def _write_dicom_series(folder: Path, slices: np.ndarray) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -129,7 +159,7 @@ def test_dicom_series_stream_reads_pixels_only_of_the_slices_asked_for(
 ) -> None:
     import pydicom
 
-    from napari_unetquant.data.stream import open_volume
+    from napari_unetquant.data import open_volume
 
     hu = np.random.default_rng(1).integers(-1000, 1000, (6, 6, 5)).astype(np.int16)
     _write_dicom_series(tmp_path / "scan", hu)
@@ -179,7 +209,7 @@ def test_labels_in_another_orientation_are_brought_onto_the_image(
     ("make", "message"),
     [
         (lambda d: d / "missing.tif", "no such file or folder"),
-        (lambda d: _write(d / "notes.docx", b"x"), "unsupported file type '.docx'"),
+        (lambda d: _write(d / "notes.docx", b"x"), r"unsupported file type '\.docx'.*\.npy"),
         (lambda d: _truncated_tiff(d), "could not be read as .tif"),
         (lambda d: _colour_png(d), "colour \\(RGB\\) image"),
         (lambda d: _nifti_4d(d), "give one 3D volume"),

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetquant.data import read_volume, write_mask
-from napari_unetquant.data.io import InputError
-from napari_unetquant.data.stream import array_source, open_volume, write_mask_stream
+from napari_unetquant.data import (
+    InputError,
+    array_source,
+    open_volume,
+    read_volume,
+    write_mask,
+    write_mask_stream,
+)
 
 
 def _stack() -> np.ndarray:
@@ -137,16 +142,16 @@ def test_imagej_stacks_with_one_ifd_are_mapped_not_read_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ImageJ writes stacks over 4 GiB as one IFD followed by every slice's pixels."""
-    import napari_unetquant.data.stream as stream
+    import napari_unetquant.data.tiff as tiff_reader
 
     stack = _stack().astype(np.uint16)
     path = tmp_path / "big.tif"
     tifffile.imwrite(path, stack, imagej=True, truncate=True)
 
-    def whole(path: Path) -> None:
+    def whole(series: object, path: Path) -> None:
         raise AssertionError(f"{path} was read whole")
 
-    monkeypatch.setattr(stream, "read_volume", whole)
+    monkeypatch.setattr(tiff_reader, "_whole", whole)
     with open_volume(path) as source:
         assert source.shape == stack.shape
         assert np.array_equal(source.slices(3, 7), stack[3:7])

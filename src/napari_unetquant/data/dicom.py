@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import TOO_LARGE, TOO_LARGE_FIX, InputError, Volume, one_line
-from .stream import SliceSource
+from .volume import InputError, SliceSource, one_line, reading
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -116,17 +115,8 @@ def open_dicom_series(folder: Path, files: list[Path]) -> SliceSource:
     def read(start: int, stop: int) -> np.ndarray:
         slices = []
         for file, header in headers[start:stop]:
-            try:
+            with reading(str(file), failed="DICOM pixel data could not be decoded"):
                 pixels = pydicom.dcmread(file).pixel_array.astype(np.float32).T
-            except MemoryError as error:  # Rows and Columns declaring a huge slice
-                raise InputError(
-                    f"{file}: DICOM pixel data: {TOO_LARGE} ({one_line(error)}); {TOO_LARGE_FIX}"
-                ) from error
-            except Exception as error:
-                raise InputError(
-                    f"{file}: DICOM pixel data could not be decoded ({one_line(error)}); "
-                    f"check that the file is complete"
-                ) from error
             if pixels.shape != plane:
                 raise InputError(
                     f"{file}: a {pixels.shape[1]} x {pixels.shape[0]} slice in a series of "
@@ -145,9 +135,3 @@ def open_dicom_series(folder: Path, files: list[Path]) -> SliceSource:
         affine=_affine(first, last, len(headers)),
         source=str(folder),
     )
-
-
-def read_dicom_series(folder: Path, files: list[Path]) -> Volume:
-    """The whole series of :func:`open_dicom_series` in memory."""
-    source = open_dicom_series(folder, files)
-    return Volume(source.slices(0, source.shape[0]), source.spacing, source.affine, source.source)

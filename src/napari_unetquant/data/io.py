@@ -1,234 +1,142 @@
-"""Reading images and labels in the formats users have, and writing masks back.
+"""The one way in for image and label files: :func:`open_volume` streams, :func:`read_volume`
+reads whole.
 
-Every reader returns a :class:`Volume`: a stack of 2D slices ``(S, H, W)`` for the 2D network,
-with the in-plane spacing (mm) and the NIfTI affine when the file carries them, so results can be
-written back on the original grid. Writers go through a temporary file and a rename, so a crash
-never leaves a half-written output.
+:func:`open_volume` checks the path, chooses the format's reader (by suffix; a folder is a DICOM
+series or a folder of slices) and turns a library's error on a damaged file into one line that
+names the file; every reader hands out ``(S, H, W)`` slices a run at a time
+(:class:`~napari_unetquant.data.volume.SliceSource`). :func:`read_volume` is that source read
+into memory. The names other modules import from here (the volume types and helpers, the
+writers) are re-exported: see ``__all__``.
+
+Formats: multi-page TIFF, PNG/JPEG pictures, NIfTI (``.nii``, ``.nii.gz``), NumPy ``.npy``,
+zarr (``.zarr``), and folders (a DICOM series, or PNG/JPEG/TIFF slices in name order).
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import re
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-MASK_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES
-NO_PIXELS = "give an image with at least one slice of at least one pixel"
+from .arrays import open_npy, open_zarr
+from .dicom import open_dicom_series
+from .folder import folder_files, open_slice_folder
+from .nifti import open_nifti
+from .pictures import open_picture
+from .tiff import open_tiff
+from .volume import (
+    ARRAY_SUFFIXES,
+    MASK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    TIFF_SUFFIXES,
+    Grid,
+    InputError,
+    SliceSource,
+    Volume,
+    array_source,
+    check_readable,
+    one_line,
+    reading,
+    suffix_of,
+    volume_source,
+)
+from .write import atomic_path, nifti_affine, remove_partial_writes, write_mask, write_mask_stream
+
+__all__ = [
+    "MASK_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "PICTURE_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "Grid",
+    "InputError",
+    "SliceSource",
+    "Volume",
+    "array_source",
+    "atomic_path",
+    "check_readable",
+    "labels_on_image_grid",
+    "nifti_affine",
+    "one_line",
+    "open_volume",
+    "read_volume",
+    "remove_partial_writes",
+    "suffix_of",
+    "volume_source",
+    "write_mask",
+    "write_mask_stream",
+]
+
+_FILE_READERS: dict[str, Callable[[Path], SliceSource]] = {
+    **dict.fromkeys(TIFF_SUFFIXES, open_tiff),
+    **dict.fromkeys(PICTURE_SUFFIXES, open_picture),
+    **dict.fromkeys(NIFTI_SUFFIXES, open_nifti),
+    ".npy": open_npy,
+    ".zarr": open_zarr,  # a folder, read as one array
+}
+VOLUME_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES + NIFTI_SUFFIXES + ARRAY_SUFFIXES
+"""The suffixes of image files :func:`open_volume` reads (besides folders)."""
 
 
-class InputError(ValueError):
-    """A file that cannot be used as it is; the message names the file and the fix."""
+def open_volume(path: str | Path) -> SliceSource:
+    """Open an image or label file without reading its pixels.
 
+    Parameters
+    ----------
+    path
+        A file in one of the :data:`VOLUME_SUFFIXES` formats, or a folder (a DICOM series, or
+        PNG/JPEG/TIFF slices in natural name order).
 
-@dataclass(frozen=True)
-class Volume:
-    """Slices ``(S, H, W)`` of an image or label file.
+    Returns
+    -------
+    SliceSource
+        ``(S, H, W)`` slices read a run at a time (use it in a ``with`` block to close the
+        file). Pictures and TIFFs that hold no stack of pages are read whole now.
 
-    ``spacing`` is the in-plane pixel size in mm (rows, columns) when the format records it
-    (NIfTI, DICOM); ``affine`` is the NIfTI voxel-to-world matrix of the original file, whose
-    third axis is the slice axis here (``array[s] == data[:, :, s]``).
+    Raises
+    ------
+    InputError
+        For a missing or unreadable path, an unsupported format, or a file that is damaged or
+        unsuitable (colour, 4D, empty): one line that names the file and the fix.
     """
-
-    array: np.ndarray
-    spacing: tuple[float, float] | None = None
-    affine: np.ndarray | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if self.array.ndim != 3:
-            raise ValueError(f"a Volume holds (S, H, W) slices, got shape {self.array.shape}")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        shape = self.array.shape
-        return (shape[0], shape[1], shape[2])
-
-
-class Grid(Protocol):
-    """Where an image's voxels lie: :class:`Volume` and a streamed source both have these."""
-
-    @property
-    def shape(self) -> tuple[int, int, int]: ...
-
-    @property
-    def affine(self) -> np.ndarray | None: ...
-
-    @property
-    def source(self) -> str: ...
-
-
-def suffix_of(path: Path) -> str:
-    """The lower-case suffix, with ``.nii.gz`` as one suffix."""
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+    path = Path(path)
+    check_readable(path)
+    reader = _reader_for(path)
+    with reading(str(path)):
+        return reader(path)
 
 
 def read_volume(path: str | Path) -> Volume:
-    """Read an image or label file (TIFF, PNG/JPEG, NIfTI) or a folder (DICOM series, or PNG /
-    JPEG / TIFF slices in name order) as a :class:`Volume`."""
-    path = Path(path)
-    check_readable(path)
-    if path.is_dir():
-        return _read_folder(path)
-    readers: dict[str, Callable[[Path], Volume]] = {
-        **dict.fromkeys(TIFF_SUFFIXES, _read_tiff),
-        **dict.fromkeys(PICTURE_SUFFIXES, _read_picture),
-        **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti),
-    }
-    reader = readers.get(suffix_of(path))
+    """Every slice of :func:`open_volume`'s source, in memory, as an ``(S, H, W)``
+    :class:`Volume` with the file's spacing and affine."""
+    with open_volume(path) as source:
+        return source.volume()
+
+
+def _reader_for(path: Path) -> Callable[[Path], SliceSource]:
+    suffix = suffix_of(path)
+    if path.is_dir() and suffix != ".zarr":
+        return _open_folder
+    reader = _FILE_READERS.get(suffix)
     if reader is None:
-        raise ValueError(
-            f"{path}: unsupported file type {suffix_of(path)!r}; use TIFF, PNG, JPEG, NIfTI "
-            f"(.nii, .nii.gz) or a folder of DICOM files"
-        )
-    try:
-        return reader(path)
-    except InputError:
-        raise
-    except MemoryError as error:  # a header declaring a huge image (damaged, or really huge)
-        raise InputError(f"{path}: {TOO_LARGE} ({one_line(error)}); {TOO_LARGE_FIX}") from error
-    except Exception as error:  # a library's own error on a damaged file
         raise InputError(
-            f"{path}: could not be read as {suffix_of(path)} ({one_line(error)}); "
-            f"check that the file is complete and of that format"
-        ) from error
-
-
-TOO_LARGE = "the image does not fit in memory"
-TOO_LARGE_FIX = (
-    "if the file is not that large it is damaged; otherwise segment it streamed "
-    "('unetquant segment' reads a few slices at a time)"
-)
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: message`` of a library's error on one line (some libraries' span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
-def check_readable(path: Path) -> None:
-    """Refuse a path that does not exist or that this user may not read, before any reader
-    turns that into a vaguer error."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; check the path")
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise InputError(
-            f"{path}: permission denied; make it readable for this user (chmod +r) or copy it "
-            f"somewhere readable"
+            f"{path}: unsupported file type {suffix!r}; use TIFF, PNG, JPEG, NIfTI (.nii, "
+            f".nii.gz), NumPy (.npy), zarr (.zarr) or a folder of DICOM files or of slices"
         )
+    return reader
 
 
-def _as_slices(array: np.ndarray, path: Path) -> np.ndarray:
-    """``(H, W)`` -> ``(1, H, W)``; ``(S, H, W)`` stays; anything else is refused."""
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise InputError(
-            f"{path}: {array.ndim}D data of shape {array.shape}; give 2D images or 3D stacks"
-        )
-    if array.size == 0:
-        raise InputError(f"{path}: the image is empty (shape {array.shape}); {NO_PIXELS}")
-    return array
-
-
-def _grey_picture(array: np.ndarray, path: Path) -> np.ndarray:
-    """A PNG/JPEG as one grey channel: ``(H, W, C)`` pictures must be grey (equal colour
-    channels; an alpha channel is dropped)."""
-    return _as_slices(_grey_channels(array, path) if array.ndim == 3 else array, path)
-
-
-def _grey_channels(array: np.ndarray, path: Path) -> np.ndarray:
-    """``(..., C)`` colour samples as one grey channel ``(...)``: the colours must be equal
-    (a grey picture saved as RGB); an alpha channel is dropped."""
-    colour = array[..., : 3 if array.shape[-1] >= 3 else 1]
-    if any(not np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
-        raise InputError(
-            f"{path}: colour (RGB) image of shape {array.shape}; the network reads one "
-            f"grey channel, so convert it to greyscale first"
-        )
-    return colour[..., 0]
-
-
-def open_tiff(path: Path) -> Any:
-    """``tifffile.TiffFile(path)`` after walking its chain of pages to the end, where tifffile
-    notices a chain that loops back on itself: without that walk, tifffile 2026.3 parsed the
-    series of such a file for ever (found by fuzzing). A chain with no end is refused."""
-    import tifffile
-
-    tiff = tifffile.TiffFile(path)
-    try:
-        tiff.pages[len(tiff.pages)]  # one past the last page must not exist
-    except IndexError:
-        return tiff
-    tiff.close()
-    raise InputError(
-        f"{path}: its TIFF pages link back to one another in a loop (a damaged file); "
-        f"check that the file is complete, or save it again"
-    )
-
-
-def slices_as_series(tiff: Any) -> bool:
-    """Whether a TIFF holds its slices as several one-page series of one size (what writing a
-    stack page by page without ImageJ or OME metadata gives): tifffile's first series would
-    then be the first slice only."""
-    series = tiff.series
-    first = series[0]
-    return len(series) > 1 and all(
-        s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype and len(s.pages) == 1
-        for s in series
-    )
-
-
-def _read_tiff(path: Path) -> Volume:
-    with open_tiff(path) as tiff:
-        if slices_as_series(tiff):
-            return Volume(np.stack([s.asarray() for s in tiff.series]), source=str(path))
-        series = tiff.series[0]
-        array = np.asarray(series.asarray())
-        if series.axes.endswith("S"):  # samples per pixel: RGB(A), not slices
-            array = _grey_channels(array, path)
-    return Volume(_as_slices(array, path), source=str(path))
-
-
-def _read_picture(path: Path) -> Volume:
-    import imageio.v3 as iio
-
-    return Volume(_grey_picture(np.asarray(iio.imread(path)), path), source=str(path))
-
-
-def _read_nifti(path: Path) -> Volume:
-    import nibabel as nib
-
-    image = nib.load(path)
-    if 0 in image.shape:
-        raise InputError(f"{path}: the image is empty (shape {image.shape}); {NO_PIXELS}")
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[:, :, None]
-    if data.ndim != 3:
-        raise InputError(
-            f"{path}: NIfTI data of shape {data.shape}; give one 3D volume (split 4D series first)"
-        )
-    zooms = image.header.get_zooms()
-    return Volume(
-        _as_slices(np.moveaxis(data, 2, 0), path),
-        spacing=(float(zooms[0]), float(zooms[1])),
-        affine=np.asarray(image.affine, dtype=np.float64),
-        source=str(path),
-    )
+def _open_folder(path: Path) -> SliceSource:
+    slices, others = folder_files(path)
+    if others:  # DICOM files win over stray pictures (thumbnails) in a scan's folder
+        try:
+            return open_dicom_series(path, others)
+        except InputError:
+            if not slices:
+                raise
+    return open_slice_folder(path, slices, open_volume)
 
 
 def labels_on_image_grid(labels: Volume, image: Grid) -> np.ndarray:
@@ -260,82 +168,3 @@ def _reoriented_affine(volume: Volume, transform: np.ndarray) -> np.ndarray:
     assert volume.affine is not None
     shape = np.moveaxis(volume.array, 0, 2).shape
     return np.asarray(volume.affine @ inv_ornt_aff(transform, shape))
-
-
-def _natural_key(path: Path) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def folder_files(path: Path) -> tuple[list[Path], list[Path]]:
-    """A folder's picture/TIFF slices and its other files (a DICOM series), in natural name
-    order; an empty folder is refused."""
-    files = sorted((f for f in path.iterdir() if f.is_file()), key=_natural_key)
-    if not files:
-        raise InputError(
-            f"{path}: no images found; give a folder of DICOM files or of PNG/JPEG/TIFF slices"
-        )
-    slices = [f for f in files if suffix_of(f) in PICTURE_SUFFIXES + TIFF_SUFFIXES]
-    return slices, [f for f in files if f not in slices]
-
-
-def _read_folder(path: Path) -> Volume:
-    slices, others = folder_files(path)
-    if others:  # DICOM files win over stray pictures (thumbnails) in a scan's folder
-        from .dicom import read_dicom_series
-
-        try:
-            return read_dicom_series(path, others)
-        except InputError:
-            if not slices:
-                raise
-    arrays = [read_volume(f).array for f in slices]
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) != 1:
-        raise InputError(
-            f"{path}: slices have different sizes {sorted(shapes)}; a folder must hold slices "
-            f"of one size"
-        )
-    return Volume(np.concatenate(arrays), source=str(path))
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix) that replaces ``path`` on success only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".part{suffix_of(path)}", dir=path.parent
-    )
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())  # the data is on disk before the name points to it
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def remove_partial_writes(path: Path) -> list[Path]:
-    """Delete the temporary files :func:`atomic_path` left beside ``path`` when a process was
-    killed while writing it (only for files one process writes at a time); returns them."""
-    left = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.part{suffix_of(path)}"))
-    for temporary in left:
-        temporary.unlink(missing_ok=True)
-    return left
-
-
-def write_mask(path: str | Path, mask: np.ndarray, like: Volume | None = None) -> None:
-    """Write ``(S, H, W)`` ``mask`` as TIFF or NIfTI (by ``path``'s extension), atomically.
-
-    NIfTI files get ``like``'s affine (or one from its spacing), so they overlay the source.
-    """
-    from .stream import write_mask_stream
-
-    if mask.ndim != 3:
-        raise ValueError(f"a mask is (S, H, W) slices, got shape {mask.shape}")
-    shape = (mask.shape[0], mask.shape[1], mask.shape[2])
-    write_mask_stream(path, [mask], shape, mask.dtype, like)

@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..config import PreprocessConfig
-from .io import Volume
+from .volume import Volume
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
