@@ -22,7 +22,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ import numpy as np
 import tifffile
 
 from _common import RESULTS, machine, machine_line, update_readme, write_results
-from napari_unetquant.config import InferConfig, QuantConfig, TrainConfig, UNetConfig
+from napari_unetquant.config import InferConfig, QuantConfig, UNetConfig
 from napari_unetquant.jobs import TrainJob, evaluate_files, train_model
 from napari_unetquant.metrics import SegmentationScores
 from napari_unetquant.modelio import load_model
 from napari_unetquant.quant import bit_report
+from napari_unetquant.recipes import train_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RUNS = RESULTS / "runs"
@@ -132,13 +133,12 @@ def _run(
         out=str(model_path),
         quant=quant,
         unet=UNetConfig(base_width=setup.base_width),
-        train=TrainConfig(
-            steps=steps,
+        train=replace(
+            train_config(fine_tune=init is not None, steps=steps),
             seed=seed,
             loss=dataset.loss,
             elastic=dataset.elastic,
-            validate_every=max(50, steps // 10),
-            learning_rate=1e-3 if init is None else 5e-4,
+            validate_every=max(50, steps // 10),  # the protocol the README's table was run with
             device=setup.device,
         ),
         foreground_value=dataset.foreground_value,

@@ -36,7 +36,7 @@ LABELS = [
     ("labels-shape.tif", "labels must be on the image's grid"),
     ("labels-fraction.tif", "labels must be an integer mask, but they hold fractional or NaN"),
     ("labels-nan.tif", "labels must be an integer mask, but they hold fractional or NaN"),
-    ("labels-empty.tif", "the labels contain no foreground; check --foreground-value"),
+    ("labels-empty.tif", "no foreground; check the foreground value and the files (option --fore"),
     ("rgb.tif", "colour (RGB)"),
     ("truncated.tif", "check that the file is complete"),
 ]
@@ -193,11 +193,11 @@ def test_bad_model_files_are_refused(
 @pytest.mark.parametrize(
     ("option", "bits", "message"),
     [
-        ("--weight-bits", "0", "--weight-bits 0: fixed quantizer needs 2 to 8 stored bits"),
-        ("--weight-bits", "9", "--weight-bits 9: fixed quantizer needs 2 to 8 stored bits"),
+        ("--weight-bits", "0", "weight bits 0: fixed quantizer needs 2 to 8 stored bits"),
+        ("--weight-bits", "9", "weight bits 9: fixed quantizer needs 2 to 8 stored bits"),
         ("--weight-bits", "31", "got 31; use 32 with method 'float' for full precision"),
-        ("--act-bits", "-1", "--act-bits -1: fixed quantizer needs 2 to 8 stored bits"),
-        ("--act-bits", "33", "--act-bits 33: fixed quantizer needs 2 to 8 stored bits"),
+        ("--act-bits", "-1", "activation bits -1: fixed quantizer needs 2 to 8 stored bits"),
+        ("--act-bits", "33", "activation bits 33: fixed quantizer needs 2 to 8 stored bits"),
     ],
 )
 @pytest.mark.parametrize("command", ["train", "bits"])

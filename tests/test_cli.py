@@ -215,9 +215,11 @@ def test_fine_tuning_keeps_the_source_settings(
         "2",
     )
     code, _, err = _run([*base, "--base-width", "8"], capsys)
-    assert code == 2 and "leave out --base-width/--depth" in err
+    assert code == 2 and "was trained with network" in err
+    assert "(option --base-width/--depth/--spatial-dims)" in err
     code, _, err = _run([*base, "--foreground-value", "1"], capsys)
-    assert code == 2 and "foreground value non-zero (leave out --foreground-value)" in err
+    assert code == 2 and "foreground value non-zero; leave these unset" in err
+    assert err.endswith("(option --foreground-value)\n")
     code, _, _ = _run(base, capsys)
     assert code == 0
     code, _, err = _run([*base, "--resume"], capsys)
@@ -277,9 +279,9 @@ def test_unavailable_device_and_bad_validation_pairs(
     image = phantom_files[0]
     base = _train_args(phantom_files, tmp_path / "m.safetensors", *FAST)
     code, _, err = _run([*base, "--device", "cuda"], capsys)
-    assert code == 2 and "CUDA is not available; use --device cpu" in err
+    assert code == 2 and "CUDA is not available; use the CPU (option --device)" in err
     code, _, err = _run([*base, "--val-images", str(image)], capsys)
-    assert code == 2 and "give as many --val-labels as --val-images" in err
+    assert code == 2 and "1 validation image(s) but 0 validation label file(s)" in err
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -91,7 +91,8 @@ def test_integer_export_of_a_3d_model_is_refused_up_front(
         ["export", "--model", str(model_3d), "--out", str(out), "--integer"], capsys
     )
     assert code == 2 and err.count("\n") == 1
-    assert "integer inference runs 2D U-Nets only; this model is 3D: drop --integer" in err
+    assert "integer inference runs 2D U-Nets only; this model is 3D" in err
+    assert err.endswith("(option --integer)\n")
     assert not out.exists()
 
 
@@ -100,7 +101,7 @@ def test_fine_tuning_a_3d_model_keeps_it_3d(
 ) -> None:
     flat = ["--spatial-dims", "2", "--init", str(model_3d)]
     code, _, err = _run(_train(shared_data, tmp_path / "x.safetensors", *flat), capsys)
-    assert code == 2 and "leave out --base-width/--depth/--spatial-dims" in err
+    assert code == 2 and "(option --base-width/--depth/--spatial-dims)" in err
 
 
 def test_bits_of_a_3d_unet(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,7 +118,7 @@ def test_bits_of_a_3d_unet(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--spatial-dims", "3", "--elastic"], "drop --elastic to train a 3D U-Net"),
+        (["--spatial-dims", "3", "--elastic"], "turn it off to train a 3D U-Net (option --elas"),
         (["--spatial-dims", "3", "--crop-depth", "0"], "crop_depth must be a positive integer"),
     ],
 )
@@ -150,7 +151,7 @@ def test_segment_with_a_3d_model_and_refuse_integer(
     assert code == 0, err
     assert nib.load(out).shape == nib.load(image).shape
     code, _, err = _run([*argv, "--integer"], capsys)
-    assert code == 2 and "this model is 3D: drop --integer" in err
+    assert code == 2 and "this model is 3D: run it without integer inference" in err
 
     # small boxes: the volume streams through several overlapping windows along every axis
     boxed = tmp_path / "boxed.nii.gz"

@@ -3,7 +3,7 @@ dask cluster, with a CSV of what was done (and Dice per volume when labels are g
 
 Every volume is read a few slices at a time and its mask written as it is made
 (:func:`~napari_unetquant.infer.predict.segment_source`,
-:func:`~napari_unetquant.data.stream.write_mask_stream`), so memory does not grow with the
+:func:`~napari_unetquant.data.write.write_mask_stream`), so memory does not grow with the
 volume's depth, and no output file exists until it is complete.
 """
 
@@ -25,24 +25,25 @@ import torch
 from .config import MASK_FORMATS, InferConfig
 from .data.io import (
     MASK_SUFFIXES,
-    NIFTI_SUFFIXES,
     PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
+    VOLUME_SUFFIXES,
     InputError,
+    SliceSource,
     atomic_path,
     check_readable,
     labels_on_image_grid,
+    open_volume,
     read_volume,
     suffix_of,
+    write_mask_stream,
 )
 from .data.preprocess import foreground_mask
-from .data.stream import SliceSource, open_volume, write_mask_stream
 from .devices import inference_device
+from .errors import SettingError
 from .infer.predict import segment_source
 from .metrics import SegmentationScores, segmentation_scores
 from .modelio import SegmentationModel, check_grey_input, load_model
-
-VOLUME_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".npy", ".zarr")
 
 
 @dataclass(frozen=True)
@@ -210,11 +211,15 @@ def plan_batch(
     written = {Path(out).resolve() for out in outs}
     for image in images:
         if Path(image).resolve() in written:
-            raise InputError(f"{image} would be overwritten by a mask; choose another --out-dir")
+            raise SettingError(
+                f"{image} would be overwritten by a mask; choose another output folder", "out_dir"
+            )
     matched: list[str | None] = list(labels) if labels is not None else [None] * len(images)
     if labels_dir is not None:
         if not Path(labels_dir).is_dir():
-            raise InputError(f"{labels_dir}: no such folder of labels; check --labels-dir")
+            raise SettingError(
+                f"{labels_dir}: no such folder of labels; check the labels folder", "labels_dir"
+            )
         by_stem: dict[str, list[Path]] = {}
         for path in Path(labels_dir).iterdir():
             by_stem.setdefault(_stem(str(path)), []).append(path)

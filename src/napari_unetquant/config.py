@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 FLOAT_BITS = 32
 METHODS = ("float", "fixed", "lsq", "ternary", "binary")
+NATURAL_BITS = {"float": FLOAT_BITS, "ternary": 2, "binary": 1}
+"""Methods whose stored width is fixed by what they are; the others take 2 to 8 bits."""
 DYNAMIC_RULES = ("max", "mse")
 SPATIAL_DIMS = (2, 3)
 _FORMAT_RE = re.compile(r"^Q(-?\d+)\.(-?\d+)$")
@@ -84,9 +86,8 @@ class QuantizerConfig:
         self._check_bits()
 
     def _check_bits(self) -> None:
-        fixed_width = {"float": FLOAT_BITS, "ternary": 2, "binary": 1}
-        if self.method in fixed_width:
-            expected = fixed_width[self.method]
+        if self.method in NATURAL_BITS:
+            expected = NATURAL_BITS[self.method]
             if self.bits != expected:
                 raise ValueError(
                     f"{self.method} stores {expected} bits, got bits={self.bits}; "
@@ -268,7 +269,7 @@ class QuantConfig:
         if label.upper() == "FP":
             return cls()
         if label.lower() in ("ternary", "binary"):
-            bits = 2 if label.lower() == "ternary" else 1
+            bits = NATURAL_BITS[label.lower()]
             return cls.from_bits(bits, bits, label.lower())
         if "/" in label and label.upper().startswith("Q"):
             weight, act = label.split("/", 1)

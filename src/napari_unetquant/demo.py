@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from .metrics import segmentation_scores
 from .model import build_unet
 from .modelio import SegmentationModel, save_model
 from .quant import bit_report, prepare
+from .recipes import QuantChoice, train_config
 from .train import SliceSet, StepEvent, Trainer, ValidationEvent
 
 
@@ -36,12 +37,11 @@ class DemoConfig:
     act_bits: int = 6
     base_width: int = 16
     crop: int = 96
-    batch_size: int = 8
     seed: int = 0
     out_dir: str = "demo-output"
 
     def __post_init__(self) -> None:
-        for name in ("fp_steps", "quant_steps", "base_width", "crop", "batch_size"):
+        for name in ("fp_steps", "quant_steps", "base_width", "crop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be positive, got {getattr(self, name)}")
 
@@ -63,6 +63,13 @@ def _phantom_slices(slices: int, size: int, seed: int) -> SliceSet:
     return SliceSet.from_stacks(np.stack([zscore(s) for s in images]), membranes)
 
 
+def _train_config(config: DemoConfig, fine_tune: bool) -> TrainConfig:
+    """The recipe's settings for the demo's steps, on its smaller crops."""
+    steps = config.quant_steps if fine_tune else config.fp_steps
+    recipe = train_config(fine_tune=fine_tune, steps=steps)
+    return replace(recipe, crop=config.crop, seed=config.seed)
+
+
 def _train(
     model: nn.Module,
     data: tuple[SliceSet, SliceSet],
@@ -81,7 +88,7 @@ def _train(
 def _row(label: str, bundle: SegmentationModel, path: Path, test: SliceSet) -> DemoRow:
     report = bit_report(bundle.model)
     probabilities = predict_probabilities(bundle.model, np.stack(test.images), InferConfig())
-    scores = segmentation_scores(probabilities >= 0.5, np.stack(test.masks))
+    scores = segmentation_scores(probabilities >= InferConfig.threshold, np.stack(test.masks))
     return DemoRow(
         label=label,
         dice_membrane=scores.dice_mean,
@@ -98,20 +105,13 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[Dem
     test = _phantom_slices(2, 256, config.seed + 2)
     out = Path(config.out_dir)
     unet = UNetConfig(base_width=config.base_width)
-    common = {"batch_size": config.batch_size, "crop": config.crop, "seed": config.seed}
 
     log(f"training full precision, {config.fp_steps} steps")
-    fp_config = TrainConfig(steps=config.fp_steps, validate_every=100, **common)  # type: ignore[arg-type]
-    fp_model = _train(build_unet(unet), data, fp_config, log)
+    fp_model = _train(build_unet(unet), data, _train_config(config, fine_tune=False), log)
 
-    quant = QuantConfig.from_bits(config.weight_bits, config.act_bits)
+    quant = QuantChoice("fixed", config.weight_bits, config.act_bits).config()
     log(f"fine-tuning {quant.label} from it, {config.quant_steps} steps")
-    q_config = TrainConfig(
-        steps=config.quant_steps,
-        validate_every=50,
-        learning_rate=5e-4,
-        **common,  # type: ignore[arg-type]
-    )
+    q_config = _train_config(config, fine_tune=True)
     quant_model = _train(prepare(copy.deepcopy(fp_model), quant), data, q_config, log)
 
     rows, masks = [], []
@@ -121,7 +121,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[Dem
         save_model(path, bundle)
         rows.append(_row(label, bundle, path, test))
         probabilities = predict_probabilities(model, test.images[0][None], InferConfig())
-        masks.append(probabilities[0] >= 0.5)
+        masks.append(probabilities[0] >= InferConfig.threshold)
     overlay = out / "demo-overlay.png"
     write_overlay(overlay, test.images[0], test.masks[0], masks)
     log(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import SettingError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA, then MPS, then CPU; other names are checked to exist."""
@@ -14,16 +16,21 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name != "cpu" and name != "mps" and name != "cuda" and not _is_cuda_index(name):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise SettingError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", "device")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+        raise SettingError(
+            f"device {name!r} asked for, but CUDA is not available; use the CPU", "device"
+        )
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(
+        raise SettingError(
             f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
-            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+            "device",
         )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available; use --device cpu")
+        raise SettingError(
+            "device 'mps' asked for, but MPS is not available; use the CPU", "device"
+        )
     return torch.device(name)
 
 

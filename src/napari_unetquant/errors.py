@@ -12,6 +12,7 @@ from __future__ import annotations
 
 SETTINGS = (
     "act_bits",
+    "act_format",
     "batch_size",
     "ct_window",
     "device",
@@ -27,6 +28,7 @@ SETTINGS = (
     "resume",
     "spacing",
     "weight_bits",
+    "weight_format",
 )
 """The settings a :class:`SettingError` may name; each shell maps every one of them."""
 

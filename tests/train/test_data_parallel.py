@@ -72,6 +72,7 @@ def _two_process(out: Path, setting: str) -> tuple[dict[str, torch.Tensor], dict
     return load_file(str(path)), summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["fp", "w4a6-fixed", "w4a6-fixed-mse", "w4a4-lsq"])
 def test_two_processes_train_as_one_does(two_process_runs: Path, setting: str) -> None:
     """Same seed, same global batch: one process and two agree.
@@ -110,6 +111,7 @@ def test_two_processes_train_as_one_does(two_process_runs: Path, setting: str) -
     assert one_summary["dice"] == pytest.approx(two_summary["dice"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_ternary_statistics_of_the_whole_batch(two_process_runs: Path) -> None:
     """Ternary activations: the running threshold and scale and BatchNorm's statistics after
     the first step, and its loss, are the single process's. (Their gradients are not compared:
@@ -124,12 +126,14 @@ def test_ternary_statistics_of_the_whole_batch(two_process_runs: Path) -> None:
     assert two_summary["losses"][0] == pytest.approx(one_summary["losses"][0], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_process_stops_every_process(two_process_runs: Path) -> None:
     for rank in (0, 1):
         message = (two_process_runs / f"diverged-rank{rank}.txt").read_text()
         assert "training diverged at step 1" in message
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_once_and_only_the_first_process_writes(
     shared_data: Path, tmp_path: Path
 ) -> None:
@@ -158,6 +162,7 @@ def test_torchrun_cli_trains_once_and_only_the_first_process_writes(
     assert bundle.info["best_step"] in (2, 4) and bundle.unet.base_width == 4
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_a_single_process_run(
     phantom_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -208,7 +213,7 @@ def test_batch_size_must_split_over_the_processes(
     error = capsys.readouterr().err
     assert code == 2
     assert "unetquant train (rank 0 of 2): error: batch size 3 does not split evenly" in error
-    assert "use a multiple of 2 (e.g. --batch-size 4)" in error
+    assert "use a multiple of 2 (e.g. batch size 4) or 3 processes (option --batch-size)" in error
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -223,10 +228,10 @@ def test_torchrun_environment_and_devices() -> None:
     with pytest.raises(ValueError, match="RANK, LOCAL_RANK is not set; start"):
         Torchrun.from_environment({"WORLD_SIZE": "2"})
     assert training_device("cpu", launch) == torch.device("cpu")
-    with pytest.raises(ValueError, match="CUDA GPUs or the CPU; use --device cpu"):
+    with pytest.raises(ValueError, match="CUDA GPUs or the CPU; use the CPU"):
         training_device("mps", launch)
     with pytest.raises(ValueError, match="all 2 processes of this node on one GPU"):
         training_device("cuda:0", launch)
     check_batch_size(8, 4)
-    with pytest.raises(ValueError, match=r"e\.g\. --batch-size 8"):
+    with pytest.raises(ValueError, match=r"e\.g\. batch size 8"):
         check_batch_size(7, 4)

@@ -161,7 +161,7 @@ def test_3d_training_errors_say_the_fix() -> None:
     with pytest.raises(ValueError, match=r"a 2D U-Net trains on slices .* spatial_dims=2"):
         Trainer(build_unet(UNetConfig(base_width=4, depth=2)), slices, volumes, config)
     elastic = TrainConfig(steps=1, crop=16, crop_depth=4, elastic=True)
-    with pytest.raises(ValueError, match="drop --elastic to train a 3D U-Net"):
+    with pytest.raises(ValueError, match="turn it off to train a 3D U-Net"):
         Trainer(build_unet(UNET_3D, QuantConfig()), volumes, None, elastic)
     with pytest.raises(ValueError, match="crop_depth must be a positive integer"):
         TrainConfig(crop_depth=0)

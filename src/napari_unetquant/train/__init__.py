@@ -1,5 +1,6 @@
 """Training: losses, the trainer (a generator of progress events), data and checkpoints."""
 
+from ..events import Event, StepEvent, ValidationEvent
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .dataset import (
     LabelledVolume,
@@ -11,15 +12,8 @@ from .dataset import (
     volume_set,
 )
 from .losses import bce_dice_loss, soft_dice_loss
-from .trainer import (
-    Event,
-    SliceSet,
-    StepEvent,
-    Trainer,
-    TrainingDiverged,
-    ValidationEvent,
-)
-from .volumes import VolumeSet
+from .sets import SliceSet, VolumeSet
+from .trainer import Trainer, TrainingDiverged
 
 __all__ = [
     "Event",

@@ -11,8 +11,8 @@ import numpy as np
 from ..config import PreprocessConfig
 from ..data.io import Volume, labels_on_image_grid, read_volume
 from ..data.preprocess import foreground_mask, network_input, network_mask
-from .trainer import SliceSet
-from .volumes import VolumeSet
+from ..errors import SettingError
+from .sets import SliceSet, VolumeSet
 
 VALIDATION_FRACTION = 0.15
 
@@ -54,9 +54,10 @@ def read_pairs(
     if require_foreground and not any(pair.mask.any() for pair in pairs):
         hint = "" if foreground_value is None else f" (value {foreground_value})"
         files = ", ".join(str(path) for path in labels)
-        raise ValueError(
-            f"{files}: the labels contain no foreground{hint}; check --foreground-value and "
-            f"the files"
+        raise SettingError(
+            f"{files}: the labels contain no foreground{hint}; check the foreground value "
+            f"and the files",
+            "foreground_value",
         )
     return pairs
 

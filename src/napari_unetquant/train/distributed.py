@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..devices import resolve_device
+from ..errors import SettingError
 
 Value = TypeVar("Value")
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -71,10 +72,11 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
     """Raise ``ValueError`` (saying the fix) unless ``batch_size`` splits over the processes."""
     if batch_size % world_size:
         nearest = max(world_size, round(batch_size / world_size) * world_size)
-        raise ValueError(
+        raise SettingError(
             f"batch size {batch_size} does not split evenly over {world_size} data-parallel "
             f"processes: it is the global batch, each process takes an equal share; use a "
-            f"multiple of {world_size} (e.g. --batch-size {nearest}) or {batch_size} processes"
+            f"multiple of {world_size} (e.g. batch size {nearest}) or {batch_size} processes",
+            "batch_size",
         )
 
 
@@ -82,21 +84,25 @@ def training_device(requested: str, launch: Torchrun) -> torch.device:
     """Where this process trains: ``cuda:LOCAL_RANK`` for ``auto`` (with CUDA) and ``cuda``,
     else the CPU."""
     if requested == "mps":
-        raise ValueError("data-parallel training runs on CUDA GPUs or the CPU; use --device cpu")
+        raise SettingError(
+            "data-parallel training runs on CUDA GPUs or the CPU; use the CPU", "device"
+        )
     if requested.startswith("cuda:") and launch.local_world_size > 1:
-        raise ValueError(
-            f"--device {requested} would put all {launch.local_world_size} processes of this "
-            f"node on one GPU; give --device cuda (or auto): each process takes cuda:LOCAL_RANK"
+        raise SettingError(
+            f"device {requested} would put all {launch.local_world_size} processes of this "
+            f"node on one GPU; choose device cuda (or auto): each process takes cuda:LOCAL_RANK",
+            "device",
         )
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     device = resolve_device(requested if requested.startswith("cuda:") else "cuda")
     index = device.index if device.index is not None else launch.local_rank
     if index >= torch.cuda.device_count():
-        raise ValueError(
+        raise SettingError(
             f"process {launch.local_rank} of this node needs cuda:{index}, but the node has "
             f"{torch.cuda.device_count()} GPU(s); start at most that many processes per node "
-            f"(--nproc_per_node)"
+            f"(processes per node)",
+            "processes",
         )
     return torch.device("cuda", index)
 

@@ -11,7 +11,6 @@ import copy
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,74 +19,16 @@ from torch import Tensor, nn
 from ..config import InferConfig, TrainConfig
 from ..data.augment import AugmentConfig, sample_crop
 from ..devices import resolve_device
+from ..events import Event, StepEvent, ValidationEvent
 from ..infer.predict import predict_probabilities, spatial_dims
 from ..metrics import dice_score
 from ..quant.global_batch import sharded_batch
 from .distributed import DataParallel, check_batch_size
 from .losses import bce_dice_loss, soft_dice_loss
-from .volumes import VolumeSet, check_volumetric, volume_batch
+from .sets import SliceSet, VolumeSet, foreground_centre
+from .volumes import check_volumetric, volume_batch
 
 ELASTIC = AugmentConfig(elastic_alpha=8.0, elastic_sigma=6.0)  # the paper's GM setting
-
-
-@dataclass(frozen=True)
-class SliceSet:
-    """Normalised 2D slices (float32) and their masks (uint8 {0, 1}); sizes may differ."""
-
-    images: tuple[np.ndarray, ...]
-    masks: tuple[np.ndarray, ...]
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            raise ValueError("no slices to train on; give at least one image with labels")
-        if len(self.images) != len(self.masks):
-            raise ValueError(f"{len(self.images)} image slices but {len(self.masks)} masks")
-        for index, (image, mask) in enumerate(zip(self.images, self.masks, strict=True)):
-            if image.shape != mask.shape or image.ndim != 2:
-                raise ValueError(
-                    f"slice {index}: image {image.shape} and mask {mask.shape} must be 2D and "
-                    f"of the same shape"
-                )
-
-    @classmethod
-    def from_stacks(cls, images: np.ndarray, masks: np.ndarray) -> SliceSet:
-        """From ``(S, H, W)`` stacks."""
-        return cls(tuple(images.astype(np.float32)), tuple(masks.astype(np.uint8)))
-
-    @classmethod
-    def concat(cls, parts: list[SliceSet]) -> SliceSet:
-        return cls(
-            tuple(i for p in parts for i in p.images), tuple(m for p in parts for m in p.masks)
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """One finished optimisation step (1-based)."""
-
-    step: int
-    steps: int
-    loss: float
-    elapsed_seconds: float
-    eta_seconds: float
-
-
-@dataclass(frozen=True)
-class ValidationEvent:
-    """Mean per-slice Dice on the validation slices after ``step``."""
-
-    step: int
-    steps: int
-    dice: float
-    best_dice: float
-    best_step: int
-    improved: bool
-
-
-Event = StepEvent | ValidationEvent
 
 
 class TrainingDiverged(ValueError):
@@ -145,15 +86,6 @@ class Trainer:
         self._foreground = [np.argwhere(mask).astype(np.float64) for mask in train.masks]
         torch.manual_seed(config.seed)
 
-    def _centre(self, index: int, rng: np.random.Generator) -> np.ndarray | None:
-        """A random foreground pixel of slice ``index`` (a share of crops), else ``None``."""
-        foreground = self._foreground[index]
-        if len(foreground) == 0 or rng.random() >= self.config.foreground_oversample:
-            return None
-        jitter = rng.uniform(-0.25, 0.25, 2) * self.config.crop
-        centre: np.ndarray = foreground[rng.integers(len(foreground))] + jitter
-        return centre
-
     def _batch(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         if isinstance(self.train_set, VolumeSet):  # a 3D U-Net: patches of whole volumes
             arrays = volume_batch(self.train_set, self._foreground, self.config, self.augment, rng)
@@ -162,7 +94,9 @@ class Trainer:
         crops = []
         for i in rng.integers(len(self.train_set), size=self.config.batch_size):
             image, mask = self.train_set.images[i], self.train_set.masks[i]
-            centre = self._centre(int(i), rng)
+            size = np.array([self.config.crop] * 2, np.float64)
+            share = self.config.foreground_oversample
+            centre = foreground_centre(self._foreground[int(i)], size, share, rng)
             crops.append(sample_crop(image, mask, self.config.crop, self.augment, rng, centre))
         images = torch.from_numpy(np.stack([c[0] for c in crops])[:, None])
         masks = torch.from_numpy(np.stack([c[1] for c in crops])[:, None].astype(np.float32))

@@ -8,43 +8,12 @@ a share of patches centred near a foreground voxel, the rest anywhere, each augm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..config import TrainConfig
 from ..data.augment import AugmentConfig, sample_patch
-
-
-@dataclass(frozen=True)
-class VolumeSet:
-    """Normalised volumes ``(S, H, W)`` (float32) and their masks (uint8 {0, 1}); shapes may
-    differ between volumes."""
-
-    images: tuple[np.ndarray, ...]
-    masks: tuple[np.ndarray, ...]
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            raise ValueError("no volumes to train on; give at least one image with labels")
-        if len(self.images) != len(self.masks):
-            raise ValueError(f"{len(self.images)} volumes but {len(self.masks)} masks")
-        for index, (image, mask) in enumerate(zip(self.images, self.masks, strict=True)):
-            if image.shape != mask.shape or image.ndim != 3:
-                raise ValueError(
-                    f"volume {index}: image {image.shape} and mask {mask.shape} must be 3D "
-                    f"(slices, rows, columns) and of the same shape"
-                )
-
-    @classmethod
-    def from_volumes(cls, images: list[np.ndarray], masks: list[np.ndarray]) -> VolumeSet:
-        return cls(
-            tuple(image.astype(np.float32) for image in images),
-            tuple(mask.astype(np.uint8) for mask in masks),
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
+from ..errors import SettingError
+from .sets import VolumeSet, foreground_centre
 
 
 def check_volumetric(
@@ -61,22 +30,11 @@ def check_volumetric(
                 f"the data with training_set(pairs, preprocess, spatial_dims={spatial_dims})"
             )
     if volumetric and config.elastic:
-        raise ValueError(
-            "elastic deformation is for 2D U-Nets only; drop --elastic to train a 3D U-Net"
+        raise SettingError(
+            "elastic deformation is for 2D U-Nets only; turn it off to train a 3D U-Net",
+            "elastic",
         )
     return volumetric
-
-
-def _centre(
-    foreground: np.ndarray, config: TrainConfig, rng: np.random.Generator
-) -> np.ndarray | None:
-    """A random foreground voxel of a volume, jittered (a share of patches), else ``None``."""
-    if len(foreground) == 0 or rng.random() >= config.foreground_oversample:
-        return None
-    size = np.array([config.crop_depth, config.crop, config.crop], np.float64)
-    jitter = rng.uniform(-0.25, 0.25, 3) * size
-    centre: np.ndarray = foreground[rng.integers(len(foreground))] + jitter
-    return centre
 
 
 def volume_batch(
@@ -91,7 +49,8 @@ def volume_batch(
     voxels of volume ``i``."""
     patches = []
     for index in rng.integers(len(volumes), size=config.batch_size):
-        centre = _centre(foreground[index], config, rng)
+        size = np.array([config.crop_depth, config.crop, config.crop], np.float64)
+        centre = foreground_centre(foreground[index], size, config.foreground_oversample, rng)
         shape = (config.crop_depth, config.crop)
         image, mask = volumes.images[index], volumes.masks[index]
         patches.append(sample_patch(image, mask, shape, augment, rng, centre))

@@ -1,0 +1,163 @@
+"""Commands about model files and networks: ``info``, ``export``, ``bits`` and the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from .. import demo as demo_job
+from ..config import SPATIAL_DIMS, UNetConfig
+from ..demo import DemoConfig, format_rows
+from ..jobs import export_model
+from ..model import build_unet
+from ..modelio import load_model
+from ..packed import LAYOUT_PACKED, file_report
+from ..quant import bit_report
+from ._options import add_quant_arguments, quant_config_from_args
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    info = commands.add_parser("info", help="bits, size and training summary of a model file")
+    info.add_argument("--model", required=True)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=run_info)
+
+    export = commands.add_parser(
+        "export", help="write a packed model file (codes at their bit width), or --integer"
+    )
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    export.add_argument(
+        "--integer",
+        action="store_true",
+        help="write the integer network for hardware (docs/integer-format.md)",
+    )
+    export.set_defaults(handler=run_export)
+
+    demo = commands.add_parser(
+        "demo", help="train FP and W4A6 on a generated EM-like phantom and compare them"
+    )
+    demo.add_argument("--fp-steps", type=int, default=DemoConfig.fp_steps)
+    demo.add_argument("--quant-steps", type=int, default=DemoConfig.quant_steps)
+    demo.add_argument("--weight-bits", type=int, default=DemoConfig.weight_bits)
+    demo.add_argument("--act-bits", type=int, default=DemoConfig.act_bits)
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.add_argument("--out-dir", default=DemoConfig.out_dir, help="where models and the PNG go")
+    demo.set_defaults(handler=run_demo)
+
+    bits = commands.add_parser(
+        "bits", help="per-layer stored bits and memory of a U-Net at given bit widths"
+    )
+    add_quant_arguments(bits)
+    bits.add_argument("--base-width", type=int, default=UNetConfig.base_width)
+    bits.add_argument("--depth", type=int, default=UNetConfig.depth)
+    bits.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=SPATIAL_DIMS,
+        default=UNetConfig.spatial_dims,
+        help="2D or 3D U-Net",
+    )
+    bits.set_defaults(handler=run_bits)
+
+
+def model_summary(path: str) -> dict[str, object]:
+    """What ``unetquant info --json`` reports about a model file."""
+    return _summary_and_table(path)[0]
+
+
+def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
+    """The JSON summary of a model file and its per-layer table."""
+    bundle = load_model(path)
+    report = bit_report(bundle.model)
+    quant = bundle.quant
+    on_disk = file_report(path, bundle.model, bundle.unet)
+    summary: dict[str, object] = {
+        "label": quant.label,
+        "weight_bits": quant.weight.bits,
+        "act_bits": quant.act.bits,
+        "quantizer": quant.weight.method if not quant.weight.is_float else quant.act.method,
+        "weight_format": quant.weight.format_name,
+        "act_format": quant.act.format_name,
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "layout": bundle.layout,
+        "file_bytes": on_disk.file_bytes,
+        "fp32_file_bytes": on_disk.fp32_file_bytes,
+        "file_ratio": on_disk.ratio,
+        "stored_bytes": report.stored_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        "mean_weight_bits": report.mean_weight_bits,
+        "network": _network_text(bundle.unet),
+        "spatial_dims": bundle.unet.spatial_dims,
+        "unet": asdict(bundle.unet),
+        "preprocess": asdict(bundle.preprocess),
+        "training": bundle.info,
+        "layers": [asdict(layer) for layer in report.layers],
+        "layer_bytes": [asdict(layer) for layer in on_disk.layers],
+    }
+    if bundle.layout == LAYOUT_PACKED:
+        return summary, on_disk.table()
+    return summary, (
+        f"{report.table()}\nthis file holds float32 weights ({on_disk.file_bytes} bytes); the "
+        f"table shows the stored bits 'unetquant export' packs them to"
+    )
+
+
+def _network_text(unet: UNetConfig) -> str:
+    """``2D U-Net, base width 16, depth 3``."""
+    return f"{unet.spatial_dims}D U-Net, base width {unet.base_width}, depth {unet.depth}"
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary, table = _summary_and_table(args.model)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    keys = ("label", "network", "weight_bits", "act_bits", "quantizer", "parameters", "layout")
+    for key in keys:
+        print(f"{key:<12}{summary[key]}")
+    print(
+        f"{'file':<12}{summary['file_bytes']} bytes; the FP32 state_dict file of this network: "
+        f"{summary['fp32_file_bytes']} bytes ({summary['file_ratio']:.2f}x smaller)"
+    )
+    training = summary["training"]
+    assert isinstance(training, dict)
+    print(
+        f"{'validation':<12}Dice {training.get('validation_dice')} at step "
+        f"{training.get('best_step')} of {training.get('steps')}"
+    )
+    print(table)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    written = export_model(args.model, args.out, integer=args.integer)
+    print(
+        f"wrote {written.path} ({written.layout}): {written.file_bytes} bytes, "
+        f"{written.ratio:.2f}x smaller than the FP32 state_dict file "
+        f"({written.fp32_file_bytes} bytes)"
+    )
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        fp_steps=args.fp_steps,
+        quant_steps=args.quant_steps,
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        seed=args.seed,
+        out_dir=args.out_dir,
+    )
+    print(format_rows(demo_job.run_demo(config)))
+    return 0
+
+
+def run_bits(args: argparse.Namespace) -> int:
+    quant = quant_config_from_args(args, default_bits=4)
+    unet = UNetConfig(base_width=args.base_width, depth=args.depth, spatial_dims=args.spatial_dims)
+    model = build_unet(unet, quant)
+    print(f"{quant.label}: {_network_text(unet)}")
+    print(bit_report(model).table())
+    return 0

@@ -1,0 +1,114 @@
+"""The bit-width sweep: train or fine-tune a list of settings on one image and compare what
+each one scores against what it stores."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import QuantConfig, UNetConfig
+from ..data.io import Volume, atomic_path
+from ..events import Event
+from ..modelio import SegmentationModel
+from ..quant import bit_report
+from ..recipes import train_config
+from .training import start_training
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """The settings to compare and how long to train each.
+
+    Full-precision settings train first, from scratch, for ``fp_steps``; every quantized
+    setting is then fine-tuned for ``fine_tune_steps`` from the sweep's full-precision model
+    (or the one given to :func:`sweep`; without either, trained from scratch). ``None`` steps:
+    the recipe's.
+    """
+
+    settings: tuple[QuantConfig, ...]
+    fp_steps: int | None = None
+    fine_tune_steps: int | None = None
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise ValueError("list the settings to compare, e.g. FP, W8A8, W4A6, ternary")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """One setting of a bit-width sweep: validation Dice against what the model stores."""
+
+    label: str
+    dice: float
+    mean_weight_bits: float
+    stored_bytes: int
+    fp32_bytes: int
+    model: SegmentationModel
+
+    def row(self) -> dict[str, Any]:
+        """The CSV/table row (everything but the model)."""
+        return {
+            "setting": self.label,
+            "validation_dice": round(self.dice, 4),
+            "mean_weight_bits": round(self.mean_weight_bits, 3),
+            "stored_bytes": self.stored_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "compression": round(self.fp32_bytes / self.stored_bytes, 2),
+            "fine_tuned_from": self.model.info.get("init") or "",
+        }
+
+
+def sweep(
+    image: Volume,
+    labels: np.ndarray,
+    job: SweepJob,
+    fp_model: SegmentationModel | None = None,
+) -> Iterator[Event | SweepResult]:
+    """Train or fine-tune each setting of ``job`` on ``image`` and its foreground mask
+    ``labels`` ``(S, H, W)``; yields the trainer's events (for progress) and each setting's
+    :class:`SweepResult` as it finishes. Each quantized model's metadata names the model it
+    was fine-tuned from (``info["init"]``)."""
+    ordered = sorted(job.settings, key=lambda quant: not quant.is_float)  # FP first
+    for quant in ordered:
+        init = None if quant.is_float else fp_model
+        steps = job.fp_steps if quant.is_float else job.fine_tune_steps
+        config = train_config(
+            fine_tune=init is not None, spatial_dims=job.unet.spatial_dims, steps=steps
+        )
+        config = replace(config, device=job.device, seed=job.seed)
+        run = start_training(image, labels, quant, config, job.unet, init)
+        yield from run.events()
+        bundle = run.best()
+        if quant.is_float:
+            fp_model = bundle
+        report = bit_report(bundle.model)
+        yield SweepResult(
+            quant.label,
+            run.trainer.best_dice,
+            report.mean_weight_bits,
+            report.stored_bytes,
+            report.fp32_bytes,
+            bundle,
+        )
+
+
+def write_sweep_csv(path: str | Path, results: list[SweepResult]) -> Path:
+    """The sweep's table as CSV (``.csv`` added when missing), written atomically; returns
+    the path written."""
+    target = Path(path)
+    if target.suffix.lower() != ".csv":
+        target = target.with_suffix(".csv")
+    rows = [result.row() for result in results]
+    with atomic_path(target) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return target

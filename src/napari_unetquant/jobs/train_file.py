@@ -1,0 +1,210 @@
+"""The training job on files: train (or fine-tune, or resume) and keep a model file holding
+the best model so far, with a resume checkpoint beside it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
+from ..data.io import remove_partial_writes
+from ..errors import SettingError
+from ..events import Event, ValidationEvent
+from ..modelio import SegmentationModel, load_model, save_model
+from ..train import (
+    LabelledVolume,
+    checkpoint_path,
+    load_checkpoint,
+    median_spacing,
+    read_pairs,
+    save_checkpoint,
+    split_validation,
+)
+from ..train.distributed import first_process_file
+from .training import Start, TrainingRun, begin, check_fine_tune_source, start_network
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a training run on files needs.
+
+    ``unet``: the network (``None``: the default U-Net, or the ``init`` model's). ``spacing``:
+    ``"auto"`` (the median spacing of the training images, when they have one, or the ``init``
+    model's), ``None`` (no resampling) or ``(rows, cols)`` mm. ``foreground_value``: ``None``
+    means non-zero, or the ``init`` model's value. ``checkpoint_seconds``: the resume checkpoint
+    is written at least this often (between validations too), so a crash loses little.
+    """
+
+    images: tuple[str, ...]
+    labels: tuple[str, ...]
+    out: str
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    unet: UNetConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    foreground_value: int | None = None
+    val_images: tuple[str, ...] = ()
+    val_labels: tuple[str, ...] = ()
+    spacing: tuple[float, float] | str | None = AUTO
+    ct_window: tuple[float, float] | None = None
+    init: str | None = None
+    resume: bool = False
+    checkpoint_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_seconds >= 0:
+            raise ValueError(
+                f"checkpoint every {self.checkpoint_seconds} s: give 0 (every step) or more"
+            )
+        if len(self.val_images) != len(self.val_labels):
+            raise ValueError(
+                f"{len(self.val_images)} validation image(s) but {len(self.val_labels)} "
+                f"validation label file(s); give one label file per image, in the same order"
+            )
+
+
+def _start(job: TrainJob) -> Start:
+    """A fresh network, or (``init``) the weights of a trained model file re-quantized for
+    ``job``, which must not ask for another network, preprocessing or object."""
+    if job.init is None:
+        start = start_network(job.quant, job.train.seed, job.unet, None)
+        return Start(start.model, start.unet, None, job.foreground_value)
+    source = load_model(job.init)
+    check_fine_tune_source(source, job.init)
+    _check_init_conflicts(job, source)
+    start = start_network(job.quant, job.train.seed, None, source)
+    foreground = source.info.get("foreground_value", job.foreground_value)
+    return Start(start.model, start.unet, start.preprocess, foreground)
+
+
+def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
+    """Fine-tuning keeps the network, preprocessing and object of the ``init`` model."""
+    conflicts: list[tuple[str, str]] = []
+    if job.unet is not None and job.unet != source.unet:
+        conflicts.append((f"network {source.unet}", "network"))
+    if job.spacing != AUTO and job.spacing != source.preprocess.spacing:
+        conflicts.append((f"spacing {source.preprocess.spacing}", "spacing"))
+    if job.ct_window is not None and job.ct_window != source.preprocess.ct_window:
+        conflicts.append((f"CT window {source.preprocess.ct_window}", "ct_window"))
+    trained_on = source.info.get("foreground_value")
+    if (
+        job.foreground_value is not None
+        and "foreground_value" in source.info
+        and (job.foreground_value != trained_on)
+    ):
+        value = "non-zero" if trained_on is None else trained_on
+        conflicts.append((f"foreground value {value}", "foreground_value"))
+    if conflicts:
+        raise SettingError(
+            f"{job.init} was trained with "
+            + "; ".join(text for text, _ in conflicts)
+            + "; leave these unset: a fine-tune keeps what its model was trained with",
+            *(setting for _, setting in conflicts),
+        )
+
+
+def _preprocess(
+    job: TrainJob, pairs: list[LabelledVolume], inherited: PreprocessConfig | None
+) -> PreprocessConfig:
+    if inherited is not None:  # fine-tuning keeps the preprocessing the model was trained with
+        return inherited
+    spacing = median_spacing(pairs) if job.spacing == AUTO else job.spacing
+    return PreprocessConfig(
+        spacing=spacing if not isinstance(spacing, str) else None, ct_window=job.ct_window
+    )
+
+
+def _run(job: TrainJob) -> TrainingRun:
+    start = _start(job)
+    foreground = start.foreground_value
+    pairs = read_pairs(list(job.images), list(job.labels), foreground)
+    if job.val_images:
+        split = (pairs, read_pairs(list(job.val_images), list(job.val_labels), foreground))
+    else:
+        split = split_validation(pairs)
+    run = begin(start, job.quant, job.train, split, _preprocess(job, pairs, start.preprocess))
+    run.info["init"] = job.init
+    return run
+
+
+def train_model(job: TrainJob) -> Generator[Event, None, None]:
+    """Train, yield progress events, and keep ``job.out`` holding the best model so far.
+
+    At every validation the resume checkpoint beside ``job.out`` is written first, then the
+    model if it improved, both before the event is yielded (the caller may stop there); between
+    validations the checkpoint is written again once ``job.checkpoint_seconds`` have passed, and
+    when the caller stops iterating (a Ctrl-C handled between steps), so an interruption loses at
+    most that much training. Every file goes through a temporary file and a rename; temporary
+    files that a killed run left beside ``job.out`` are removed at the start. The checkpoint is
+    removed once the last step is done; ``job.resume`` continues from it. Data-parallel (under
+    torchrun) only the first process writes files.
+    """
+    run = _run(job)
+    trainer = run.trainer
+    identity = _identity(job, run)
+    resume_file = checkpoint_path(job.out)
+    writes = trainer.parallel is None or trainer.parallel.rank == 0
+    if writes:
+        for path in (Path(job.out), resume_file):
+            remove_partial_writes(path)
+    if job.resume:
+        _resume(job, run, identity)
+        if writes and trainer.best_state is not None:  # the model file may predate it
+            save_model(job.out, run.best())
+
+    saved_at = time.monotonic()
+    for event in run.events():
+        unfinished = event.step < event.steps
+        if writes and isinstance(event, ValidationEvent):
+            if unfinished:
+                save_checkpoint(resume_file, trainer, identity)
+                saved_at = time.monotonic()
+            if event.improved:
+                save_model(job.out, run.best())
+            if not unfinished:
+                resume_file.unlink(missing_ok=True)
+        elif writes and unfinished and time.monotonic() - saved_at >= job.checkpoint_seconds:
+            save_checkpoint(resume_file, trainer, identity)
+            saved_at = time.monotonic()
+        try:
+            yield event
+        except GeneratorExit:  # the caller stopped between steps: keep where training got to
+            if writes and unfinished and trainer.step > 0:
+                save_checkpoint(resume_file, trainer, identity)
+            raise
+
+
+def _resume(job: TrainJob, run: TrainingRun, identity: dict[str, Any]) -> None:
+    """Restore the checkpoint beside ``job.out`` (data-parallel: the first process reads it
+    and hands it to the others), or refuse when the run that wrote ``job.out`` finished."""
+    trainer = run.trainer
+    with first_process_file(checkpoint_path(job.out), trainer.parallel) as saved:
+        if saved is not None:
+            load_checkpoint(saved, trainer, identity)
+            return
+    finished = Path(job.out).exists()
+    if trainer.parallel is not None:  # what the first process's disk says
+        finished = trainer.parallel.from_first(finished)
+    if finished:
+        raise SettingError(
+            f"nothing to resume: {job.out} has no checkpoint beside it, so its training "
+            f"finished; train without resuming to train it again (the file will be replaced)",
+            "resume",
+        )
+
+
+def _identity(job: TrainJob, run: TrainingRun) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
+    return {
+        "unet": asdict(run.unet),
+        "quant": asdict(job.quant),
+        "train": asdict(job.train),
+        "preprocess": asdict(run.preprocess),
+        "data": [list(job.images), list(job.labels), list(job.val_images), list(job.val_labels)],
+        "foreground_value": run.info["foreground_value"],
+        "init": job.init,
+    }

@@ -1,0 +1,174 @@
+"""Training jobs: a model file from image and label files, or a model in memory from a layer.
+
+Both start the same way (:func:`start_network`: a fresh network, or a trained one re-quantized for a
+fine-tune) and run as a :class:`TrainingRun`, a generator of the trainer's progress events, so
+the caller shows progress and may stop it between steps.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
+from ..data.io import Volume
+from ..errors import SettingError
+from ..events import Event
+from ..model import build_unet
+from ..modelio import SegmentationModel, check_grey_input
+from ..packed import LAYOUT_STATE_DICT
+from ..train import (
+    LabelledVolume,
+    Trainer,
+    median_spacing,
+    split_validation,
+    training_set,
+)
+
+
+@dataclass(frozen=True)
+class Start:
+    """The network to train and what it keeps from the model it was fine-tuned from."""
+
+    model: torch.nn.Module
+    unet: UNetConfig
+    preprocess: PreprocessConfig | None
+    foreground_value: int | None
+
+
+def start_network(
+    quant: QuantConfig, seed: int, unet: UNetConfig | None, init: SegmentationModel | None
+) -> Start:
+    """A fresh network of ``unet``, or ``init``'s trained weights re-quantized for ``quant``
+    (its network, preprocessing and object kept)."""
+    torch.manual_seed(seed)  # the seed decides the initial weights too
+    if init is None:
+        unet = unet or UNetConfig()
+        return Start(build_unet(unet, quant), unet, None, None)
+    foreground = init.info.get("foreground_value")
+    return Start(requantized(init, quant), init.unet, init.preprocess, foreground)
+
+
+def check_fine_tune_source(source: SegmentationModel, name: str) -> None:
+    """Refuse a model that cannot be fine-tuned: packed files, models of colour inputs."""
+    check_grey_input(source, name)
+    if source.layout != LAYOUT_STATE_DICT:
+        raise SettingError(
+            f"{name} is a packed model file (for deployment: codes, folded BatchNorm); "
+            f"fine-tune from the model file that training wrote",
+            "init",
+        )
+
+
+def requantized(source: SegmentationModel, quant: QuantConfig) -> torch.nn.Module:
+    """``source``'s network with its trained weights, quantized as ``quant`` says (the start
+    of a fine-tune); the old quantizer state is dropped, everything else must fit."""
+    model = build_unet(source.unet, quant)
+    weights = {
+        key: value
+        for key, value in source.model.state_dict().items()
+        if "_quantizer." not in key  # quantizer state belongs to the old precision
+    }
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any("_quantizer." not in key for key in missing):
+        raise ValueError("the model's weights do not fit the network it describes")
+    return model
+
+
+def model_name(bundle: SegmentationModel) -> str:
+    """How a model in memory is named in the metadata of the models fine-tuned from it:
+    ``FP (EM phantom, 2026-12-01T10:00:00+00:00)``."""
+    info = bundle.info
+    where = ", ".join(str(info[key]) for key in ("source", "created") if info.get(key))
+    label = info.get("label", bundle.quant.label)
+    return f"{label} ({where})" if where else str(label)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class TrainingRun:
+    """A run of the trainer: iterate :meth:`events`, stop by no longer iterating, then take
+    :meth:`best`."""
+
+    trainer: Trainer
+    unet: UNetConfig
+    quant: QuantConfig
+    preprocess: PreprocessConfig
+    info: dict[str, Any]
+
+    def events(self) -> Iterator[Event]:
+        return self.trainer.run()
+
+    def best(self) -> SegmentationModel:
+        """The best model so far (the last one when no validation has run yet)."""
+        info = {
+            **self.info,
+            "best_step": self.trainer.best_step,
+            "steps": self.trainer.step,
+            "validation_dice": self.trainer.best_dice,
+            "created": now(),
+        }
+        return SegmentationModel(
+            self.trainer.best_model(), self.unet, self.quant, self.preprocess, info
+        )
+
+
+def begin(
+    start: Start,
+    quant: QuantConfig,
+    config: TrainConfig,
+    pairs: tuple[list[LabelledVolume], list[LabelledVolume]],
+    preprocess: PreprocessConfig,
+) -> TrainingRun:
+    """The one way a run begins: the trainer on ``pairs`` (training, validation) as the
+    network of ``start`` sees them."""
+    train_pairs, val_pairs = pairs
+    dims = start.unet.spatial_dims  # 3D U-Nets train on whole volumes
+    validation = training_set(val_pairs, preprocess, dims) if val_pairs else None
+    trainer = Trainer(start.model, training_set(train_pairs, preprocess, dims), validation, config)
+    info = {
+        "label": quant.label,
+        "foreground_value": start.foreground_value,
+        "train_volumes": len(train_pairs),
+        "validation_volumes": len(val_pairs),
+        "napari_unetquant": __version__,
+    }
+    return TrainingRun(trainer, start.unet, quant, preprocess, info)
+
+
+def start_training(
+    image: Volume,
+    labels: np.ndarray,
+    quant: QuantConfig,
+    train: TrainConfig,
+    unet: UNetConfig | None = None,
+    init: SegmentationModel | None = None,
+) -> TrainingRun:
+    """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
+    out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
+    model's metadata names it (:func:`model_name`)."""
+    mask = labels.astype(np.uint8)
+    if mask.shape != image.array.shape:
+        raise ValueError(
+            f"labels of shape {mask.shape} do not match the image {image.array.shape}; "
+            f"choose the labels drawn on this image"
+        )
+    if not mask.any():
+        raise ValueError("the labels contain no foreground; paint or load some first")
+    if init is not None:
+        check_fine_tune_source(init, model_name(init))
+    start = start_network(quant, train.seed, unet, init)
+    pairs = split_validation([LabelledVolume(image, mask)])
+    preprocess = start.preprocess or PreprocessConfig(spacing=median_spacing(pairs[0]))
+    run = begin(start, quant, train, pairs, preprocess)
+    run.info.update(source=image.source, init=None if init is None else model_name(init))
+    return run
