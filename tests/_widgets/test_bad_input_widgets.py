@@ -61,6 +61,7 @@ def _notified(errors: list[str], message: str) -> None:
     assert "\n" not in errors[0] and "Traceback" not in errors[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "image", "labels", "message"), LAYERS, ids=[c[0] for c in LAYERS])
 def test_train_refuses_bad_layers(
     make_napari_viewer: Callable[..., Any],
@@ -80,6 +81,7 @@ def test_train_refuses_bad_layers(
     assert len(viewer.layers) == 2 and _session.models() == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "image", "labels", "settings", "message"),
     [
@@ -146,6 +148,7 @@ IMAGE_LAYERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "image", "message"),
     [*[(c, _image(), m) for c, m in MODELS], *IMAGE_LAYERS],
@@ -207,6 +210,7 @@ BATCH = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "image", "labels", "model", "message"), BATCH, ids=[b[0] for b in BATCH]
 )

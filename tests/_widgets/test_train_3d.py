@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from napari_unetquant._widgets import _session
 
 PLUGIN = "napari-unetquant"
@@ -18,6 +20,7 @@ def _train(widget: Any, qtbot: Any, network: int, quantizer: str) -> Any:
     return widget.last_model
 
 
+@pytest.mark.slow
 def test_train_widget_trains_3d_unets_and_fine_tunes_them_from_3d_models(
     make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str]
 ) -> None:

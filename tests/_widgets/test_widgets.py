@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from napari_unetquant._widgets import _session
+from napari_unetquant.jobs import model_name
 from napari_unetquant.metrics import segmentation_scores
 from napari_unetquant.modelio import load_model
 
@@ -41,13 +42,28 @@ def _train(widget: Any, qtbot: Any, viewer: Any, quantizer: str, steps: int) -> 
     qtbot.waitUntil(lambda: widget.start.enabled, timeout=TIMEOUT)
 
 
+DOCKED = {
+    "Train quantized U-Net": "TrainWidget",
+    "Segment": "SegmentWidget",
+    "Batch segment": "BatchWidget",
+    "Dice readout": "DiceWidget",
+    "Bit-width sweep": "SweepWidget",
+}
+
+
 @pytest.mark.parametrize("name", WIDGETS)
-def test_each_widget_docks(make_napari_viewer: Callable[..., Any], name: str) -> None:
-    viewer = make_napari_viewer()
-    widget = _dock(viewer, name)
-    assert widget.native.isVisible() or widget.native.parent() is not None
+def test_each_widget_docks(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, name: str
+) -> None:
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    assert type(widget).__name__ == DOCKED[name]
+    assert dock.widget().isAncestorOf(widget.native) or dock.widget() is widget.native
+    qtbot.waitUntil(lambda: dock.isVisible() and widget.native.isVisible(), timeout=10_000)
+    assert viewer.window._qt_window.dockWidgetArea(dock) != 0  # docked, not floating loose
 
 
+@pytest.mark.slow
 def test_sample_train_segment_and_dice_end_to_end(
     make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], tmp_path: Path
 ) -> None:
@@ -113,6 +129,7 @@ def test_sample_train_segment_and_dice_end_to_end(
     ]
 
 
+@pytest.mark.slow
 def test_stop_ends_training_and_keeps_the_best_model(
     make_napari_viewer: Callable[..., Any], qtbot: Any
 ) -> None:
@@ -161,6 +178,7 @@ def test_errors_are_notifications(
     assert len(viewer.layers) == 2
 
 
+@pytest.mark.slow
 def test_sweep_plots_and_exports_csv(
     make_napari_viewer: Callable[..., Any], qtbot: Any, tmp_path: Path
 ) -> None:
@@ -173,12 +191,18 @@ def test_sweep_plots_and_exports_csv(
     sweep.start.clicked()
     qtbot.waitUntil(lambda: sweep.start.enabled and bool(sweep.results), timeout=TIMEOUT)
     assert [r.label for r in sweep.results] == ["FP", "W4A6", "ternary"]
+    fp = sweep.results[0].model
+    assert fp.info["init"] is None and fp.info["steps"] == 4
+    for result in sweep.results[1:]:  # fine-tuned from this sweep's FP model, for 2 steps
+        assert result.model.info["init"] == model_name(fp)
+        assert result.model.info["steps"] == 2
     assert sweep.results[1].stored_bytes < sweep.results[0].stored_bytes
     assert len(sweep.by_size.series["Dice"]) == 3
     sweep.csv_path.value = tmp_path / "sweep.csv"
     sweep.export.clicked()
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert [r["setting"] for r in rows] == ["FP", "W4A6", "ternary"]
+    assert [r["fine_tuned_from"] for r in rows] == ["", model_name(fp), model_name(fp)]
     assert float(rows[1]["compression"]) > 5
 
 
@@ -202,6 +226,7 @@ def test_reader_keeps_spacing_and_writer_keeps_the_affine(
     assert isinstance(tif, napari.layers.Labels) and tif.data.shape == (24, 512, 512)
 
 
+@pytest.mark.slow
 def test_batch_segments_files_and_scores_them(
     make_napari_viewer: Callable[..., Any],
     qtbot: Any,
@@ -242,6 +267,7 @@ def test_batch_segments_files_and_scores_them(
     assert batch.table.shape == (2, 3) and "2 of 2 volumes done, 0 failed" in batch.status.value
 
 
+@pytest.mark.slow
 def test_segment_streams_a_dask_layer_without_computing_it_whole(
     make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str], w4a6_model_file: Path
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import napari
@@ -17,11 +17,11 @@ from magicgui.widgets import (
     PushButton,
     Table,
 )
-from napari.qt.threading import GeneratorWorker, thread_worker
+from napari.qt.threading import GeneratorWorker
 
 from ..batch import SegmentedFile, plan_batch, segment_batch, write_scores_csv
 from ..config import InferConfig
-from ._common import Persistent, notify_error
+from ._common import DEVICES, Persistent, notify_error, start_worker
 from ._io import read_layers
 
 CSV_NAME = "segment.csv"
@@ -42,8 +42,10 @@ class BatchWidget(Container):
         self.out_dir = FileEdit(mode="d", label="output folder")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "label value scored; empty: every non-zero label"
-        self.threshold = FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, label="threshold")
-        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.threshold = FloatSlider(
+            value=InferConfig.threshold, min=0.05, max=0.95, step=0.05, label="threshold"
+        )
+        self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.integer = CheckBox(value=False, text="integer arithmetic (CPU)", label="integer")
         self.open_masks = CheckBox(value=False, text="open each mask as a layer", label="show")
         self.start = PushButton(text="Segment all")
@@ -95,6 +97,7 @@ class BatchWidget(Container):
             foreground = self.foreground_value.value.strip()
             value = int(foreground) if foreground else None
             config = InferConfig(threshold=self.threshold.value, integer=self.integer.value)
+            device = self.device.value  # read on the GUI thread, not in the worker
         except ValueError as error:
             notify_error(error)
             return
@@ -102,16 +105,16 @@ class BatchWidget(Container):
         self.table.value = [[]]
         self.status.value = f"0 of {len(items)} volumes"
 
-        def work() -> Iterator[SegmentedFile]:
-            yield from segment_batch(model, items, config, self.device.value, value)
+        def work() -> Generator[SegmentedFile, None, None]:
+            yield from segment_batch(model, items, config, device, value)
 
-        progress = {"total": len(items), "desc": "Segmenting volumes"}
-        self.worker = thread_worker(work, progress=progress, ignore_errors=True)()
-        self.worker.yielded.connect(self._show)
-        self.worker.errored.connect(notify_error)
-        self.worker.finished.connect(lambda: self._finish(out_dir, len(items)))
-        self.start.enabled, self.stop.enabled = False, True
-        self.worker.start()
+        self.worker = start_worker(
+            work,
+            {"total": len(items), "desc": "Segmenting volumes"},
+            (self.start, self.stop),
+            on_yield=self._show,
+            on_finish=lambda: self._finish(out_dir, len(items)),
+        )
 
     def _show(self, result: SegmentedFile) -> None:
         self.results.append(result)
@@ -128,7 +131,6 @@ class BatchWidget(Container):
                 self._viewer.add_labels(data, **meta)
 
     def _finish(self, out_dir: str, total: int) -> None:
-        self.start.enabled, self.stop.enabled = True, False
         failed = sum(r.error is not None for r in self.results)
         if self.results:  # what finished is kept even when stopped part-way
             try:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Generator
 from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, LineEdit, SpinBox, create_widget
+from magicgui.widgets import Container, LineEdit, PushButton, SpinBox, create_widget
 from magicgui.widgets.bases import ValueWidget
 from napari.layers import Image, Labels
+from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QSettings
 
-from ..config import QuantConfig
-from ..data.io import Volume
+from ..data.io import SliceSource, Volume, array_source
 from ..data.preprocess import foreground_mask
-from ..data.stream import SliceSource, array_source
+from ..errors import settings_hint
+from ..recipes import QuantChoice
 from ._io import VOLUME_KEY
 
 QUANTIZERS = [
@@ -26,6 +28,9 @@ QUANTIZERS = [
     ("binary", "binary"),
     ("full precision", "float"),
 ]
+BIT_METHODS = ("fixed", "lsq")
+"""Quantizers whose bit widths the user chooses."""
+DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
 def layer_volume(layer: Image | Labels) -> Volume:
@@ -81,38 +86,81 @@ def foreground(labels: np.ndarray, value: str) -> np.ndarray:
     return foreground_mask(labels, number)
 
 
-def quant_config(method: str, weight_bits: int, act_bits: int, paper: bool) -> QuantConfig:
-    """The widget's quantization choice as a config (full precision, bit budgets, or the
-    paper's exact formats)."""
+def quant_choice(method: str, weight_bits: int, act_bits: int, paper: bool) -> QuantChoice:
+    """The dock's quantization controls as the recipe's choice: the bit boxes count for fixed
+    point and LSQ only (ternary, binary and full precision have their own widths)."""
     if paper:
-        return QuantConfig.paper()
-    if method == "float":
-        return QuantConfig()
-    if method in ("ternary", "binary"):
-        bits = 2 if method == "ternary" else 1
-        return QuantConfig.from_bits(bits, bits, method)
-    return QuantConfig.from_bits(weight_bits, act_bits, method)
+        return QuantChoice.paper()
+    if method in BIT_METHODS:
+        return QuantChoice(method, weight_bits, act_bits)
+    return QuantChoice(method)
 
 
-def format_text(method: str, weight_bits: int, act_bits: int, paper: bool) -> str:
-    """What the chosen bits mean, e.g. the Q(i.f) formats of fixed point."""
-    if paper:
-        return "weights Q0.4 (5 stored bits), activations Q6.0 (7), as in the paper"
-    if method == "fixed":
-        return (
-            f"sign + {weight_bits - 1} bits (weights), sign + {act_bits - 1} bits "
-            f"(activations); each layer picks its Q(i.f) split"
-        )
-    if method == "lsq":
-        return f"{2**weight_bits} weight levels, {2**act_bits} activation levels, learned steps"
-    return {"ternary": "{-a, 0, a}: 2 stored bits", "binary": "{-a, a}: 1 stored bit"}.get(
-        method, "32-bit floats"
-    )
+CONTROLS = {
+    "act_bits": "activation bits",
+    "act_format": "paper formats",
+    "batch_size": "",
+    "ct_window": "",
+    "device": "device",
+    "elastic": "",
+    "foreground_value": "foreground value",
+    "init": "fine-tune from this session's FP model",
+    "integer": "integer",
+    "labels_dir": "labels",
+    "network": "network",
+    "out": "",
+    "out_dir": "output folder",
+    "processes": "",
+    "resume": "",
+    "spacing": "",
+    "weight_bits": "weight bits",
+    "weight_format": "paper formats",
+}
+"""The dock control behind each setting a core error may name (empty: no dock has one)."""
 
 
 def notify_error(error: BaseException) -> None:
-    """Show a worker's or a check's error as a napari notification, never a traceback."""
-    show_error(" ".join(str(error).split()) or type(error).__name__)
+    """Show a worker's or a check's error as a napari notification, never a traceback; where
+    the core names a setting, the notification names its control."""
+    show_error(settings_hint(error, CONTROLS, " (see: {})"))
+
+
+def start_worker(
+    work: Callable[[], Generator[Any, None, Any]],
+    progress: dict[str, Any],
+    buttons: tuple[PushButton, PushButton | None],
+    on_yield: Callable[[Any], None] | None = None,
+    on_return: Callable[[Any], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+) -> GeneratorWorker:
+    """Run the generator ``work()`` in a napari worker thread (stoppable between the items
+    it yields), with napari's activity-panel ``progress``; errors become notifications. The
+    ``buttons`` (start, stop) are disabled while it runs, and enabled again after."""
+
+    def loop() -> Generator[Any, None, Any]:
+        return (yield from work())
+
+    worker: GeneratorWorker = thread_worker(loop, progress=progress, ignore_errors=True)()
+    worker.errored.connect(notify_error)  # a notification, not re-raised into Qt
+    if on_yield is not None:
+        worker.yielded.connect(on_yield)
+    if on_return is not None:
+        worker.returned.connect(on_return)
+    start, stop = buttons
+
+    def finished() -> None:
+        start.enabled = True
+        if stop is not None:
+            stop.enabled = False
+        if on_finish is not None:
+            on_finish()
+
+    worker.finished.connect(finished)
+    start.enabled = False
+    if stop is not None:
+        stop.enabled = True
+    worker.start()
+    return worker
 
 
 SETTINGS_DIR = "NAPARI_UNETQUANT_SETTINGS_DIR"

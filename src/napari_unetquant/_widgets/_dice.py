@@ -11,13 +11,6 @@ from ..metrics import SegmentationScores, segmentation_scores
 from ._common import foreground, layer_volume, notify_error
 
 
-def _labels_layers(widget: Any) -> list[napari.layers.Labels]:
-    viewer = napari.current_viewer()
-    if viewer is None:
-        return []
-    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
-
-
 class DiceWidget(Container):
     """Mean Dice, pooled Dice and IoU for one or more predictions (e.g. FP and W4A6) side by
     side, and a per-slice table: clicking a row moves the viewer to that slice."""
@@ -28,7 +21,7 @@ class DiceWidget(Container):
         self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "ground-truth label of the object; empty: non-zero"
-        self.predictions = Select(choices=_labels_layers, label="predictions")
+        self.predictions = Select(choices=self._labels_layers, label="predictions")
         self.compute = PushButton(text="Compute Dice")
         self.summary = Label(value="", label="summary")
         self.table = Table(value=[[]])
@@ -45,6 +38,11 @@ class DiceWidget(Container):
         self.compute.clicked.connect(self.run)
         self.table.native.cellClicked.connect(self.go_to_slice)
         self.scores: dict[str, SegmentationScores] = {}
+
+    def _labels_layers(self, *_: Any) -> list[napari.layers.Labels]:
+        """The Labels layers of this dock's viewer (the predictions to choose from)."""
+        layers = self._viewer.layers
+        return [layer for layer in layers if isinstance(layer, napari.layers.Labels)]
 
     def run(self) -> None:
         """Score every chosen prediction (the Compute button); non-zero labels are foreground."""

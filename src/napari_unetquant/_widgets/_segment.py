@@ -19,7 +19,6 @@ from magicgui.widgets import (
     PushButton,
     create_widget,
 )
-from napari.qt.threading import thread_worker
 
 from ..config import InferConfig
 from ..devices import resolve_device
@@ -27,7 +26,7 @@ from ..jobs import segment_array
 from ..modelio import SegmentationModel, check_grey_input, load_model
 from ..quant import bit_report
 from . import _session
-from ._common import Persistent, layer_source, notify_error
+from ._common import DEVICES, Persistent, layer_source, notify_error, start_worker
 
 FROM_FILE = "model file..."
 
@@ -42,8 +41,10 @@ class SegmentWidget(Container):
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.model = ComboBox(choices=self._model_choices, label="model")
         self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
-        self.threshold = FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, label="threshold")
-        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.threshold = FloatSlider(
+            value=InferConfig.threshold, min=0.05, max=0.95, step=0.05, label="threshold"
+        )
+        self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.integer = CheckBox(
             value=False,
             text="integer arithmetic (int8 codes, int32 accumulators; CPU)",
@@ -114,13 +115,12 @@ class SegmentWidget(Container):
             mask = yield from segment_array(bundle, source, config, device)
             return mask, time.perf_counter() - start
 
-        progress = {"total": source.shape[0], "desc": "Segmenting slices"}
-        self.worker = thread_worker(work, progress=progress, ignore_errors=True)()
-        self.worker.errored.connect(notify_error)  # a notification, not re-raised
-        self.worker.returned.connect(lambda result: self._add_layer(layer, bundle, *result))
-        self.run_button.enabled = False
-        self.worker.finished.connect(lambda: setattr(self.run_button, "enabled", True))
-        self.worker.start()
+        self.worker = start_worker(
+            work,
+            {"total": source.shape[0], "desc": "Segmenting slices"},
+            (self.run_button, None),
+            on_return=lambda result: self._add_layer(layer, bundle, *result),
+        )
 
     def _add_layer(
         self,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-from typing import Any
+from collections.abc import Generator
 
 import napari
 from magicgui.widgets import (
@@ -15,14 +13,15 @@ from magicgui.widgets import (
     SpinBox,
     Table,
 )
-from napari.qt.threading import GeneratorWorker, thread_worker
+from napari.qt.threading import GeneratorWorker
 from napari.utils.notifications import show_info
 
-from ..config import QuantConfig, TrainConfig, UNetConfig
-from ..data.io import atomic_path
-from ..jobs import SweepResult, sweep
+from ..config import QuantConfig, UNetConfig
+from ..events import Event, StepEvent
+from ..jobs import SweepJob, SweepResult, sweep, write_sweep_csv
+from ..modelio import SegmentationModel
 from . import _session
-from ._common import Persistent, TrainingInputs, notify_error
+from ._common import Persistent, TrainingInputs, notify_error, start_worker
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
@@ -30,7 +29,11 @@ DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
 
 class SweepWidget(TrainingInputs):
     """Train or fine-tune a list of bit configurations and plot validation Dice against stored
-    bits and model size; the table exports to CSV."""
+    bits and model size; the table exports to CSV.
+
+    Full-precision settings train first; quantized ones are fine-tuned from the sweep's FP
+    model (or, when the list has none, from this session's last 2D FP model).
+    """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
@@ -75,51 +78,50 @@ class SweepWidget(TrainingInputs):
         self.results: list[SweepResult] = []
         self.worker: GeneratorWorker | None = None
 
-    def _settings(self) -> list[QuantConfig]:
+    def job(self) -> SweepJob:
+        """The sweep the controls ask for (read here, on the GUI thread)."""
         labels = [part for part in self.settings.value.split(",") if part.strip()]
         if not labels:
             raise ValueError(f"list the settings to compare, e.g. {DEFAULT_SETTINGS}")
-        return [QuantConfig.from_label(label) for label in labels]
+        return SweepJob(
+            settings=tuple(QuantConfig.from_label(label) for label in labels),
+            fp_steps=self.fp_steps.value,
+            fine_tune_steps=self.quant_steps.value,
+            unet=UNetConfig(base_width=self.network_width.value),
+        )
+
+    @staticmethod
+    def _session_fp_model() -> SegmentationModel | None:
+        models = [
+            m for m in _session.models().values() if m.quant.is_float and m.unet.spatial_dims == 2
+        ]
+        return models[-1] if models else None
 
     def run(self) -> None:
-        """Start the sweep in a worker thread."""
+        """Start the sweep in a worker thread (the *Run sweep* button)."""
         try:
-            settings = self._settings()
+            job = self.job()
             image, labels = self.training_data()
         except ValueError as error:
             notify_error(error)
             return
-        fp = [m for m in _session.models().values() if m.quant.is_float]
-        fp_model = fp[-1] if fp else None
-        unet = UNetConfig(base_width=self.network_width.value)
+        fp_model = self._session_fp_model()
 
-        def loop() -> Any:
-            for quant in settings:  # each setting with its own step count
-                steps = self.fp_steps.value if quant.is_float else self.quant_steps.value
-                config = TrainConfig(
-                    steps=steps,
-                    validate_every=max(10, steps // 5),
-                    learning_rate=1e-3 if quant.is_float else 5e-4,
-                )
-                yield from sweep(image, labels, [quant], config, self._fp(fp_model), unet)
+        def work() -> Generator[Event | SweepResult, None, None]:
+            yield from sweep(image, labels, job, fp_model)
 
         self.results = []
         self.by_bits.clear()
         self.by_size.clear()
-        self.worker = thread_worker(
-            loop, progress={"total": 0, "desc": "Bit-width sweep"}, ignore_errors=True
-        )()
-        self.worker.errored.connect(notify_error)  # a notification, not re-raised
-        self.worker.yielded.connect(self._on_event)
-        self.worker.finished.connect(self._finished)
-        self.start.enabled, self.stop.enabled = False, True
-        self.worker.start()
+        self.worker = start_worker(
+            work,
+            {"total": 0, "desc": "Bit-width sweep"},
+            (self.start, self.stop),
+            on_yield=self._on_event,
+            on_finish=self._finished,
+        )
 
-    def _fp(self, fallback: Any) -> Any:
-        trained = [r.model for r in self.results if r.model.quant.is_float]
-        return trained[-1] if trained else fallback
-
-    def _on_event(self, event: Any) -> None:
+    def _on_event(self, event: Event | SweepResult) -> None:
         if isinstance(event, SweepResult):
             self.results.append(event)
             _session.add_model(f"{event.label} (sweep)", event.model)
@@ -128,11 +130,10 @@ class SweepWidget(TrainingInputs):
             rows = [r.row() for r in self.results]
             self.table.value = {key: [row[key] for row in rows] for key in rows[0]}
             self.status.value = f"{event.label}: validation Dice {event.dice:.3f}"
-        elif hasattr(event, "loss"):
+        elif isinstance(event, StepEvent):
             self.status.value = f"step {event.step}/{event.steps}, loss {event.loss:.3f}"
 
     def _finished(self) -> None:
-        self.start.enabled, self.stop.enabled = True, False
         self.export.enabled = bool(self.results)
 
     def export_csv(self) -> None:
@@ -140,15 +141,8 @@ class SweepWidget(TrainingInputs):
         if not self.results:
             notify_error(ValueError("run a sweep first"))
             return
-        path = Path(str(self.csv_path.value))
-        if path.suffix.lower() != ".csv":
-            path = path.with_suffix(".csv")
         try:
-            with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-                rows = [r.row() for r in self.results]
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            path = write_sweep_csv(str(self.csv_path.value), self.results)
         except OSError as error:
             notify_error(error)
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +17,29 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.qt.threading import GeneratorWorker, thread_worker
+from napari.qt.threading import GeneratorWorker
 from napari.utils.notifications import show_info
 
-from ..config import TrainConfig, UNetConfig
+from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..devices import resolve_device
+from ..events import Event, StepEvent
 from ..jobs import TrainingRun, start_training
 from ..modelio import SegmentationModel, save_model
+from ..recipes import meaning, train_config
 from . import _session
-from ._common import QUANTIZERS, Persistent, TrainingInputs, format_text, notify_error, quant_config
+from ._common import (
+    BIT_METHODS,
+    DEVICES,
+    QUANTIZERS,
+    Persistent,
+    TrainingInputs,
+    notify_error,
+    quant_choice,
+    start_worker,
+)
 from ._plot import PlotWidget
 
 NETWORKS = [("2D U-Net (slices)", 2), ("3D U-Net (volumes)", 3)]
-BATCH_3D = 2  # 3D patches (16 x 128 x 128 each) are 16 crops' worth of voxels
 
 
 class TrainWidget(TrainingInputs):
@@ -51,7 +63,7 @@ class TrainWidget(TrainingInputs):
         self.format = Label(label="format")
         self.fine_tune = CheckBox(value=True, text="fine-tune from this session's FP model")
         self.steps = SpinBox(value=300, min=1, max=100_000, label="steps")
-        self.device = ComboBox(choices=["auto", "cpu", "cuda", "mps"], value="auto", label="device")
+        self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.start = PushButton(text="Start")
         self.stop = PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
@@ -106,9 +118,26 @@ class TrainWidget(TrainingInputs):
         self._show_format()
 
     def _show_format(self, *_: Any) -> None:
-        self.format.value = format_text(
+        fixed_or_lsq = self.quantizer.value in BIT_METHODS and not self.paper.value
+        self.weight_bits.enabled = self.act_bits.enabled = fixed_or_lsq
+        try:
+            self.format.value = meaning(self.quant_config())
+        except ValueError as error:
+            self.format.value = str(error)
+
+    def quant_config(self) -> QuantConfig:
+        """The quantization the controls ask for."""
+        choice = quant_choice(
             self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
         )
+        return choice.config()
+
+    def train_config(self, fine_tune: bool) -> TrainConfig:
+        """The recipe's training settings for the chosen network, steps and device."""
+        recipe = train_config(
+            fine_tune=fine_tune, spatial_dims=self.network.value, steps=self.steps.value
+        )
+        return replace(recipe, device=self.device.value)
 
     def _fp_model(self) -> SegmentationModel | None:
         dims = self.network.value  # fine-tuning keeps the network: 2D from 2D, 3D from 3D
@@ -121,20 +150,11 @@ class TrainWidget(TrainingInputs):
 
     def _prepare(self) -> TrainingRun:
         image, labels = self.training_data()
-        quant = quant_config(
-            self.quantizer.value, self.weight_bits.value, self.act_bits.value, self.paper.value
-        )
+        quant = self.quant_config()
         init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
-        dims = self.network.value
-        config = TrainConfig(
-            steps=self.steps.value,
-            batch_size=BATCH_3D if dims == 3 else TrainConfig.batch_size,
-            validate_every=max(10, self.steps.value // 10),
-            learning_rate=5e-4 if init else 1e-3,
-            device=self.device.value,
-        )
+        config = self.train_config(fine_tune=init is not None)
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
-        unet = UNetConfig(base_width=self.network_width.value, spatial_dims=dims)
+        unet = UNetConfig(base_width=self.network_width.value, spatial_dims=self.network.value)
         return start_training(image, labels, quant, config, unet, init)
 
     def run(self) -> None:
@@ -151,17 +171,16 @@ class TrainWidget(TrainingInputs):
         self.status.value = f"training {self.training.quant.label} on {device}"
         training = self.training
 
-        def loop() -> Any:  # a generator function, so napari can stop it between steps
+        def work() -> Generator[Event, None, None]:  # napari stops it between steps
             yield from training.events()
 
-        self.worker = thread_worker(
-            loop, progress={"total": 0, "desc": "Training U-Net"}, ignore_errors=True
-        )()
-        self.worker.errored.connect(notify_error)  # a notification, not re-raised
-        self.worker.yielded.connect(self._on_event)
-        self.worker.finished.connect(self._finished)
-        self.start.enabled, self.stop.enabled = False, True
-        self.worker.start()
+        self.worker = start_worker(
+            work,
+            {"total": 0, "desc": "Training U-Net"},
+            (self.start, self.stop),
+            on_yield=self._on_event,
+            on_finish=self._finished,
+        )
 
     def request_stop(self) -> None:
         """Stop after the current step (the Stop button); the best model is kept."""
@@ -169,8 +188,8 @@ class TrainWidget(TrainingInputs):
             self.worker.quit()
             self.status.value = "stopping after this step..."
 
-    def _on_event(self, event: Any) -> None:
-        if hasattr(event, "loss"):
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, StepEvent):
             self.progress.value = event.step
             minutes, seconds = divmod(int(event.eta_seconds), 60)
             self.status.value = (
@@ -182,7 +201,6 @@ class TrainWidget(TrainingInputs):
             self.plot.add_point("validation Dice", event.step, event.dice)
 
     def _finished(self) -> None:
-        self.start.enabled, self.stop.enabled = True, False
         if self.training is None or self.training.trainer.step == 0:
             return
         self.last_model = self.training.best()
