@@ -12,7 +12,7 @@ APT_PACKAGES := xvfb xauth libgl1 libegl1 libfontconfig1 libdbus-1-3 libxkbcommo
 	libxcb-image0 libxcb-shape0 libxcb-randr0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint system-deps screenshots clean
+.PHONY: demo test test-fast lint system-deps screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ lint: $(VENV)/.installed-testing
 
 test: $(VENV)/.installed-testing system-deps lint
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the end-to-end training, widget and multi-process runs
+# (marked slow); make test and CI run those too.
+test-fast: $(VENV)/.installed-testing system-deps
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -m "not slow"
 
 # The README's picture: the real widgets on the generated sample, under a virtual screen.
 screenshots: $(VENV)/.installed-testing system-deps

@@ -154,6 +154,7 @@ class _no_exit:
         return False
 
 
+@pytest.mark.slow
 def test_a_local_dask_cluster_of_two_workers_writes_the_same_masks(
     w4a6_model_file: Path, volumes: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -85,6 +85,7 @@ def _wait_for(path: Path, process: subprocess.Popen[str], seconds: float = 120) 
 RUN = ["--steps", "120", "--validate-every", "20", "--checkpoint-seconds", "0"]
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_whole_files_and_resume_finishes(
     phantom_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -108,6 +109,7 @@ def test_kill_9_leaves_whole_files_and_resume_finishes(
     )  # no checkpoint and no temporary file left behind
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="signals as on Linux and macOS")
 def test_ctrl_c_stops_after_the_step_and_resume_finishes(
     phantom_files: tuple[Path, Path], tmp_path: Path

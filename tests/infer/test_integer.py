@@ -116,6 +116,7 @@ def _train(quant: QuantConfig, steps: int = 60) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quant",
     [
@@ -213,6 +214,7 @@ def test_input_of_any_size_is_padded_and_cropped_like_the_model() -> None:
     assert np.isfinite(net(torch.zeros(1, 1, 8, 8)).numpy()).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quant",
     [

@@ -90,6 +90,7 @@ def test_edges_stay_full_precision_by_default_and_can_be_quantized() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quant",
     [QuantConfig.from_bits(4, 6), QuantConfig.from_bits(4, 4, "lsq"), QuantConfig.paper()],

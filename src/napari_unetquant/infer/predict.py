@@ -10,9 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import InferConfig
-from ..data.io import Volume
+from ..data.io import SliceSource, Volume, volume_source
 from ..data.preprocess import normalize, resize_slices, target_shape
-from ..data.stream import SliceSource, volume_source
 from ..errors import SettingError
 from ..modelio import SegmentationModel
 from .integer import IntegerUNet
