@@ -9,9 +9,7 @@ volume's depth, and no output file exists until it is complete.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -30,12 +28,12 @@ from .data.io import (
     VOLUME_SUFFIXES,
     InputError,
     SliceSource,
-    atomic_path,
     check_readable,
     labels_on_image_grid,
     open_volume,
     read_volume,
     suffix_of,
+    write_csv,
     write_mask_stream,
 )
 from .data.preprocess import foreground_mask
@@ -335,17 +333,6 @@ CSV_FIELDS = (
 )
 
 
-def scores_csv(results: Sequence[SegmentedFile]) -> str:
-    """The batch's CSV text, one row per volume."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        writer.writerow(result.row())
-    return text.getvalue()
-
-
 def write_scores_csv(path: str | Path, results: Sequence[SegmentedFile]) -> None:
-    """Write :func:`scores_csv` atomically."""
-    with atomic_path(Path(path)) as temporary:
-        temporary.write_text(scores_csv(results))
+    """The batch's CSV, one row per volume, written atomically."""
+    write_csv(path, [result.row() for result in results], CSV_FIELDS)

@@ -23,7 +23,15 @@ from .metrics import segmentation_scores
 from .model import build_unet
 from .modelio import SegmentationModel, save_model
 from .quant import bit_report, prepare
-from .recipes import QuantChoice, train_config
+from .recipes import (
+    ACT_BITS,
+    DEMO_CROP,
+    DEMO_FINE_TUNE_STEPS,
+    DEMO_STEPS,
+    WEIGHT_BITS,
+    QuantChoice,
+    train_config,
+)
 from .train import SliceSet, StepEvent, Trainer, ValidationEvent
 
 
@@ -31,12 +39,12 @@ from .train import SliceSet, StepEvent, Trainer, ValidationEvent
 class DemoConfig:
     """Sizes of the demo run."""
 
-    fp_steps: int = 400
-    quant_steps: int = 200
-    weight_bits: int = 4
-    act_bits: int = 6
-    base_width: int = 16
-    crop: int = 96
+    fp_steps: int = DEMO_STEPS
+    quant_steps: int = DEMO_FINE_TUNE_STEPS
+    weight_bits: int = WEIGHT_BITS
+    act_bits: int = ACT_BITS
+    base_width: int = UNetConfig.base_width
+    crop: int = DEMO_CROP
     seed: int = 0
     out_dir: str = "demo-output"
 

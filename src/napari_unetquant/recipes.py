@@ -31,6 +31,12 @@ FINE_TUNE_LEARNING_RATE = 5e-4
 """A fine-tune's learning rate: half of training from scratch, so the trained weights stay."""
 BATCH_3D = 2
 """3D patches (16 x 128 x 128) hold 16 crops' worth of voxels each: fewer per batch."""
+WEIGHT_BITS, ACT_BITS = 4, 6
+"""The bit widths offered first: the paper's W4A6."""
+DOCK_STEPS, DOCK_FINE_TUNE_STEPS = 300, 150
+"""The docks' first step counts: runs a person watches, a minute or two on two CPU cores."""
+DEMO_STEPS, DEMO_FINE_TUNE_STEPS, DEMO_CROP = 400, 200, 96
+"""The demo's run on its 192-pixel phantoms: a few minutes on two CPU cores."""
 VALIDATIONS_PER_RUN = 10
 VALIDATION_INTERVAL = (10, 100)
 """Validation about ten times a run, but never more often than every 10 or less often than

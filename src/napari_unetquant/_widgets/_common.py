@@ -15,6 +15,7 @@ from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QSettings
 
+from ..config import UNetConfig
 from ..data.io import SliceSource, Volume, array_source
 from ..data.preprocess import foreground_mask
 from ..errors import settings_hint
@@ -201,7 +202,9 @@ class TrainingInputs(Container):
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
-        self.network_width = SpinBox(value=16, min=4, max=128, step=4, label="network width")
+        self.network_width = SpinBox(
+            value=UNetConfig.base_width, min=4, max=128, step=4, label="network width"
+        )
         self.extend([self.image, self.ground_truth, self.foreground_value, self.network_width])
 
     def training_data(self) -> tuple[Volume, np.ndarray]:

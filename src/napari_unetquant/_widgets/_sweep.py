@@ -20,6 +20,7 @@ from ..config import QuantConfig, UNetConfig
 from ..events import Event, StepEvent
 from ..jobs import SweepJob, SweepResult, sweep, write_sweep_csv
 from ..modelio import SegmentationModel
+from ..recipes import DOCK_FINE_TUNE_STEPS, DOCK_STEPS
 from . import _session
 from ._common import Persistent, TrainingInputs, notify_error, start_worker
 from ._plot import PlotWidget
@@ -38,8 +39,10 @@ class SweepWidget(TrainingInputs):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
         self.settings = LineEdit(value=DEFAULT_SETTINGS, label="settings")
-        self.fp_steps = SpinBox(value=300, min=1, max=100_000, label="FP steps")
-        self.quant_steps = SpinBox(value=150, min=1, max=100_000, label="fine-tune steps")
+        self.fp_steps = SpinBox(value=DOCK_STEPS, min=1, max=100_000, label="FP steps")
+        self.quant_steps = SpinBox(
+            value=DOCK_FINE_TUNE_STEPS, min=1, max=100_000, label="fine-tune steps"
+        )
         self.start = PushButton(text="Run sweep")
         self.stop = PushButton(text="Stop", enabled=False)
         self.status = Label(value="", label="status")

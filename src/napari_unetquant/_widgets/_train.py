@@ -25,7 +25,7 @@ from ..devices import resolve_device
 from ..events import Event, StepEvent
 from ..jobs import TrainingRun, start_training
 from ..modelio import SegmentationModel, save_model
-from ..recipes import meaning, train_config
+from ..recipes import ACT_BITS, DOCK_STEPS, WEIGHT_BITS, meaning, train_config
 from . import _session
 from ._common import (
     BIT_METHODS,
@@ -57,12 +57,12 @@ class TrainWidget(TrainingInputs):
         super().__init__(napari_viewer)
         self.network = ComboBox(choices=NETWORKS, value=2, label="network")
         self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
-        self.weight_bits = SpinBox(value=4, min=1, max=8, label="weight bits")
-        self.act_bits = SpinBox(value=6, min=1, max=8, label="activation bits")
+        self.weight_bits = SpinBox(value=WEIGHT_BITS, min=1, max=8, label="weight bits")
+        self.act_bits = SpinBox(value=ACT_BITS, min=1, max=8, label="activation bits")
         self.paper = CheckBox(value=False, text="paper formats (Q0.4 / Q6.0)")
         self.format = Label(label="format")
         self.fine_tune = CheckBox(value=True, text="fine-tune from this session's FP model")
-        self.steps = SpinBox(value=300, min=1, max=100_000, label="steps")
+        self.steps = SpinBox(value=DOCK_STEPS, min=1, max=100_000, label="steps")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.start = PushButton(text="Start")
         self.stop = PushButton(text="Stop", enabled=False)

@@ -14,6 +14,7 @@ from ..model import build_unet
 from ..modelio import load_model
 from ..packed import LAYOUT_PACKED, file_report
 from ..quant import bit_report
+from ..recipes import WEIGHT_BITS
 from ._options import add_quant_arguments, quant_config_from_args
 
 
@@ -155,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bits(args: argparse.Namespace) -> int:
-    quant = quant_config_from_args(args, default_bits=4)
+    quant = quant_config_from_args(args, default_bits=WEIGHT_BITS)
     unet = UNetConfig(base_width=args.base_width, depth=args.depth, spatial_dims=args.spatial_dims)
     model = build_unet(unet, quant)
     print(f"{quant.label}: {_network_text(unet)}")

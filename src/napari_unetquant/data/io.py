@@ -42,7 +42,14 @@ from .volume import (
     suffix_of,
     volume_source,
 )
-from .write import atomic_path, nifti_affine, remove_partial_writes, write_mask, write_mask_stream
+from .write import (
+    atomic_path,
+    nifti_affine,
+    remove_partial_writes,
+    write_csv,
+    write_mask,
+    write_mask_stream,
+)
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -65,6 +72,7 @@ __all__ = [
     "remove_partial_writes",
     "suffix_of",
     "volume_source",
+    "write_csv",
     "write_mask",
     "write_mask_stream",
 ]

@@ -7,10 +7,11 @@ older file stays as it was.
 
 from __future__ import annotations
 
+import csv
 import glob
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def write_csv(
+    path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None
+) -> None:
+    """Rows of a table as CSV, atomically; ``fields`` (default: the first row's keys) in order."""
+    columns = list(fields) if fields is not None else list(rows[0]) if rows else []
+    with atomic_path(Path(path)) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def remove_partial_writes(path: Path) -> list[Path]:

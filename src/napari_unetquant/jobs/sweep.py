@@ -3,7 +3,6 @@ each one scores against what it stores."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..config import QuantConfig, UNetConfig
-from ..data.io import Volume, atomic_path
+from ..data.io import Volume, write_csv
 from ..events import Event
 from ..modelio import SegmentationModel
 from ..quant import bit_report
@@ -106,9 +105,5 @@ def write_sweep_csv(path: str | Path, results: list[SweepResult]) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".csv":
         target = target.with_suffix(".csv")
-    rows = [result.row() for result in results]
-    with atomic_path(target) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(target, [result.row() for result in results])
     return target
