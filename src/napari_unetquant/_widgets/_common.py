@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -120,10 +121,15 @@ CONTROLS = {
 """The dock control behind each setting a core error may name (empty: no dock has one)."""
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, naming the control of any setting it concerns."""
+    return settings_hint(error, CONTROLS, " (see: {})")
+
+
 def notify_error(error: BaseException) -> None:
     """Show a worker's or a check's error as a napari notification, never a traceback; where
     the core names a setting, the notification names its control."""
-    show_error(settings_hint(error, CONTROLS, " (see: {})"))
+    show_error(one_line(error))
 
 
 def start_worker(
@@ -133,23 +139,46 @@ def start_worker(
     on_yield: Callable[[Any], None] | None = None,
     on_return: Callable[[Any], None] | None = None,
     on_finish: Callable[[], None] | None = None,
+    on_orphaned: Callable[[], None] | None = None,
 ) -> GeneratorWorker:
     """Run the generator ``work()`` in a napari worker thread (stoppable between the items
     it yields), with napari's activity-panel ``progress``; errors become notifications. The
-    ``buttons`` (start, stop) are disabled while it runs, and enabled again after."""
+    ``buttons`` (start, stop) are disabled while it runs, and enabled again after.
+
+    When the dock goes away (its start button is destroyed: the dock or the viewer closed), the
+    worker is asked to stop after its current item, and none of the dock's callbacks run any
+    more (they would touch deleted widgets); ``on_orphaned`` runs instead, once it finished.
+    """
 
     def loop() -> Generator[Any, None, Any]:
         return (yield from work())
 
     worker: GeneratorWorker = thread_worker(loop, progress=progress, ignore_errors=True)()
-    worker.errored.connect(notify_error)  # a notification, not re-raised into Qt
-    if on_yield is not None:
-        worker.yielded.connect(on_yield)
-    if on_return is not None:
-        worker.returned.connect(on_return)
+    alive = [True]
+
+    def orphaned(*_: Any) -> None:
+        alive[0] = False
+        worker.quit()
+
+    def guarded(callback: Callable[..., None]) -> Callable[..., None]:
+        return lambda *args: callback(*args) if alive[0] else None
+
     start, stop = buttons
+    start.native.destroyed.connect(orphaned)
+    worker.errored.connect(  # a notification, not re-raised into Qt
+        lambda error: notify_error(error) if alive[0] else print(one_line(error), file=sys.stderr)
+    )
+    if on_yield is not None:
+        worker.yielded.connect(guarded(on_yield))
+    if on_return is not None:
+        worker.returned.connect(guarded(on_return))
 
     def finished() -> None:
+        if not alive[0]:
+            if on_orphaned is not None:
+                on_orphaned()
+            return
+        start.native.destroyed.disconnect(orphaned)
         start.enabled = True
         if stop is not None:
             stop.enabled = False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +34,7 @@ from ._common import (
     BIT_METHODS,
     DEVICES,
     QUANTIZERS,
+    SETTINGS_DIR,
     Persistent,
     TrainingInputs,
     notify_error,
@@ -170,6 +174,7 @@ class TrainWidget(TrainingInputs):
         device = self.training.trainer.device
         self.status.value = f"training {self.training.quant.label} on {device}"
         training = self.training
+        image_name = self.image.value.name if self.image.value is not None else "image"
 
         def work() -> Generator[Event, None, None]:  # napari stops it between steps
             yield from training.events()
@@ -180,6 +185,7 @@ class TrainWidget(TrainingInputs):
             (self.start, self.stop),
             on_yield=self._on_event,
             on_finish=self._finished,
+            on_orphaned=lambda: recover(training, image_name),
         )
 
     def request_stop(self) -> None:
@@ -225,3 +231,33 @@ class TrainWidget(TrainingInputs):
             return
         size = Path(path).stat().st_size / 1024
         show_info(f"saved {path} ({'packed, ' if self.packed.value else ''}{size:.0f} KiB)")
+
+
+RECOVERED = "recovered"
+
+
+def recovery_folder() -> Path:
+    """Where models of training cut short by a closed dock or viewer are kept: ``recovered``
+    in ``$NAPARI_UNETQUANT_SETTINGS_DIR`` when set, else in ``~/.napari-unetquant``."""
+    base = os.environ.get(SETTINGS_DIR) or str(Path.home() / ".napari-unetquant")
+    return Path(base) / RECOVERED
+
+
+def recover(training: TrainingRun, image_name: str) -> Path | None:
+    """Keep the best model of a run whose dock closed: in this session's models and in a file
+    of :func:`recovery_folder`, whose path is printed (the dock that would show it is gone)."""
+    if training.trainer.step == 0:
+        return None
+    bundle = training.best()
+    label = f"{bundle.quant.label} ({image_name}, recovered)"
+    _session.add_model(label, bundle)
+    stamp = str(bundle.info["created"]).replace(":", "").replace("+0000", "")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{bundle.quant.label}-{image_name}-{stamp}")
+    path = recovery_folder() / f"{name}.safetensors"
+    save_model(path, bundle)
+    print(
+        f"napari-unetquant: training stopped at step {training.trainer.step} because its dock "
+        f"closed; the best model so far is in {path}",
+        file=sys.stderr,
+    )
+    return path
