@@ -117,7 +117,7 @@ def _meaning(quantizer: QuantizerConfig) -> str:
         return f"{2**quantizer.bits} levels, learned step"
     return {
         "ternary": "{-a, 0, a}, 2 stored bits",
-        "binary": "{-a, a}, 1 stored bit",
+        "binary": "binary {-a, a}, 1 stored bit",
     }.get(quantizer.method, "32-bit floats")
 
 

@@ -7,8 +7,8 @@ import sys
 import time
 
 import napari
-from qtpy.QtWidgets import QApplication
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication
 
 viewer = napari.Viewer(show=True)
 viewer.open_sample("napari-unetquant", "em_phantom")

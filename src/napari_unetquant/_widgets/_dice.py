@@ -38,6 +38,11 @@ class DiceWidget(Container):
         self.compute.clicked.connect(self.run)
         self.table.native.cellClicked.connect(self.go_to_slice)
         self.scores: dict[str, SegmentationScores] = {}
+        self._scored_truth: str | None = None
+        napari_viewer.layers.events.removed.connect(self._forget_removed)
+        self.native.destroyed.connect(
+            lambda *_: napari_viewer.layers.events.removed.disconnect(self._forget_removed)
+        )
 
     def _labels_layers(self, *_: Any) -> list[napari.layers.Labels]:
         """The Labels layers of this dock's viewer (the predictions to choose from)."""
@@ -62,7 +67,19 @@ class DiceWidget(Container):
         except ValueError as error:
             notify_error(error)
             return
+        self._scored_truth = self.truth.value.name
         self._show()
+
+    def _forget_removed(self, event: Any) -> None:
+        """A removed layer's scores leave the readout (all of them with the ground truth)."""
+        name = event.value.name
+        if name == self._scored_truth:
+            self.scores = {}
+        self.scores.pop(name, None)
+        if self.scores:
+            self._show()
+        else:
+            self.summary.value, self.table.value = "", [[]]
 
     def _show(self) -> None:
         self.summary.value = "\n".join(

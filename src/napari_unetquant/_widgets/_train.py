@@ -156,6 +156,12 @@ class TrainWidget(TrainingInputs):
         image, labels = self.training_data()
         quant = self.quant_config()
         init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
+        if self.fine_tune.value and not quant.is_float and init is None:
+            dims = self.network.value
+            show_info(
+                f"no {dims}D full-precision model in this session to fine-tune from: "
+                f"{quant.label} trains from scratch (train FP first for the paper's recipe)"
+            )
         config = self.train_config(fine_tune=init is not None)
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
         unet = UNetConfig(base_width=self.network_width.value, spatial_dims=self.network.value)
@@ -213,7 +219,9 @@ class TrainWidget(TrainingInputs):
         image_name = self.image.value.name if self.image.value is not None else "image"
         name = _session.add_model(f"{self.last_model.quant.label} ({image_name})", self.last_model)
         dice = self.last_model.info["validation_dice"]
-        self.status.value = f"done: {name}, validation Dice {dice:.3f}"
+        scored = f"validation Dice {dice:.3f}" if dice >= 0 else "stopped before the first "
+        scored += "" if dice >= 0 else "validation: no validation Dice yet"
+        self.status.value = f"done: {name}, {scored}"
         self.save.enabled = True
 
     def save_model(self) -> None:
@@ -221,16 +229,26 @@ class TrainWidget(TrainingInputs):
         if self.last_model is None:
             notify_error(ValueError("train a model first"))
             return
-        path = str(self.save_path.value)
-        if not path.endswith(".safetensors"):
-            path += ".safetensors"
         try:
+            path = self._save_path()
             save_model(path, self.last_model, packed=self.packed.value)
         except (OSError, ValueError) as error:
             notify_error(error)
             return
         size = Path(path).stat().st_size / 1024
         show_info(f"saved {path} ({'packed, ' if self.packed.value else ''}{size:.0f} KiB)")
+
+    def _save_path(self) -> str:
+        """The chosen file, ending in ``.safetensors``; no file or a missing folder is refused."""
+        chosen = Path(str(self.save_path.value))
+        if str(self.save_path.value) in ("", ".") or chosen.is_dir() or not chosen.name:
+            raise ValueError("choose a file to save the model to ('save model to')")
+        if not chosen.parent.is_dir():
+            raise ValueError(
+                f"the folder {chosen.parent} does not exist; choose a file in an existing folder"
+            )
+        name = str(chosen)
+        return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
 RECOVERED = "recovered"

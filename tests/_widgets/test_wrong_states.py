@@ -1,0 +1,117 @@
+"""States a dock must not get into silently: saving with no file or into a missing folder,
+a Stop before the first validation, a fine-tune with nothing to fine-tune from, fixed point
+at one bit, and the Dice readout holding the scores of layers that were removed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from napari_unetquant._widgets import _train
+
+PLUGIN = "napari-unetquant"
+TIMEOUT = 60_000
+
+
+def _dock(viewer: Any, name: str) -> Any:
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def _data(viewer: Any) -> tuple[Any, Any]:
+    rng = np.random.default_rng(0)
+    labels = np.zeros((4, 32, 32), np.int32)
+    labels[:, 8:16, 8:16] = 1
+    image = viewer.add_image(rng.random((4, 32, 32)).astype(np.float32), name="image")
+    return image, viewer.add_labels(labels, name="truth")
+
+
+@pytest.fixture
+def infos(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    shown: list[str] = []
+    monkeypatch.setattr(_train, "show_info", shown.append)
+    return shown
+
+
+def _trained(viewer: Any, qtbot: Any, steps: int = 2, quantizer: str = "float") -> Any:
+    train = _dock(viewer, "Train quantized U-Net")
+    train.image.value, train.ground_truth.value = _data(viewer)
+    train.network_width.value, train.steps.value, train.quantizer.value = 4, steps, quantizer
+    train.start.clicked()
+    qtbot.waitUntil(lambda: train.start.enabled and train.last_model is not None, timeout=TIMEOUT)
+    return train
+
+
+def test_saving_needs_a_file_in_an_existing_folder(
+    make_napari_viewer: Callable[..., Any],
+    qtbot: Any,
+    errors: list[str],
+    infos: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    train = _trained(make_napari_viewer(), qtbot)
+    train.save.clicked()  # no file chosen
+    assert errors == ["choose a file to save the model to ('save model to')"]
+    assert list(work.iterdir()) == []  # no hidden '..safetensors'
+    train.save_path.value = work / "missing" / "model"
+    train.save.clicked()
+    assert "missing does not exist; choose a file in an existing folder" in errors[-1]
+    assert not (work / "missing").exists()
+    train.save_path.value = work / "model"
+    train.save.clicked()
+    assert (work / "model.safetensors").is_file() and infos[-1].startswith("saved ")
+
+
+def test_a_stop_before_the_first_validation_says_so(
+    make_napari_viewer: Callable[..., Any], qtbot: Any
+) -> None:
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train quantized U-Net")
+    train.image.value, train.ground_truth.value = _data(viewer)
+    train.network_width.value, train.steps.value, train.quantizer.value = 4, 5000, "float"
+    train.start.clicked()
+    qtbot.waitUntil(lambda: train.progress.value >= 1, timeout=TIMEOUT)
+    train.stop.clicked()
+    qtbot.waitUntil(lambda: train.start.enabled, timeout=TIMEOUT)
+    assert "stopped before the first validation: no validation Dice yet" in train.status.value
+    assert "-1.000" not in train.status.value
+
+
+def test_a_fine_tune_with_no_fp_model_says_it_trains_from_scratch(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, infos: list[str]
+) -> None:
+    train = _trained(make_napari_viewer(), qtbot, quantizer="fixed")
+    assert any("no 2D full-precision model in this session" in i for i in infos), infos
+    assert train.last_model.info["init"] is None
+
+
+def test_fixed_point_at_one_bit_is_shown_as_binary(make_napari_viewer: Callable[..., Any]) -> None:
+    train = _dock(make_napari_viewer(), "Train quantized U-Net")
+    train.quantizer.value, train.weight_bits.value = "fixed", 1
+    assert "weights: binary {-a, a}, 1 stored bit" in train.format.value
+    assert "sign + 0 bits" not in train.format.value
+
+
+def test_removed_layers_leave_the_dice_readout(make_napari_viewer: Callable[..., Any]) -> None:
+    viewer = make_napari_viewer()
+    _, truth = _data(viewer)
+    first = viewer.add_labels(truth.data.copy(), name="first")
+    viewer.add_labels(np.zeros_like(truth.data), name="second")
+    dice = _dock(viewer, "Dice readout")
+    dice.truth.value = truth
+    dice.predictions.reset_choices()
+    dice.predictions.value = [first, viewer.layers["second"]]
+    dice.compute.clicked()
+    assert list(dice.scores) == ["first", "second"]
+    viewer.layers.remove("second")
+    assert list(dice.scores) == ["first"] and "second" not in dice.summary.value
+    viewer.layers.remove("truth")
+    assert dice.scores == {} and dice.summary.value == ""
