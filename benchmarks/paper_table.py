@@ -104,6 +104,7 @@ class Setup:
 
     base_width: int = 16
     device: str = "auto"
+    scanner_augment: float = 0.0
 
 
 def _run(
@@ -119,6 +120,8 @@ def _run(
     key = f"{dataset.name.split()[0]}-{label.split()[0]}-{label.split()[-1]}-s{seed}-{steps}"
     if setup.base_width != Setup.base_width:
         key += f"-w{setup.base_width}"
+    if setup.scanner_augment:
+        key += f"-scanner{setup.scanner_augment:g}"
     if init is not None:
         key += f"-from-{Path(init).stem}"
     key = key.replace("/", "_").replace(".", "").replace("(", "").replace(")", "")
@@ -139,6 +142,7 @@ def _run(
             loss=dataset.loss,
             elastic=dataset.elastic,
             validate_every=max(50, steps // 10),  # the protocol the README's table was run with
+            scanner_augment=setup.scanner_augment,
             device=setup.device,
         ),
         foreground_value=dataset.foreground_value,

@@ -430,3 +430,13 @@ def test_export_and_integer_errors_are_one_line(
     argv = _train_args(phantom_files, tmp_path / "q.safetensors", "--init", str(packed), *FAST)
     code, _, err = _run([*argv, "--weight-bits", "4"], capsys)
     assert code == 2 and "packed model file" in err
+
+
+def test_the_scanner_augmentation_option_reaches_training() -> None:
+    from napari_unetquant.cli import build_parser
+    from napari_unetquant.cli._train import train_config_from_args
+
+    argv = ["train", "--images", "x.tif", "--labels", "y.tif", "--out", "m.safetensors"]
+    args = build_parser().parse_args([*argv, "--scanner-augment", "0.5"])
+    assert train_config_from_args(args).scanner_augment == 0.5
+    assert train_config_from_args(build_parser().parse_args(argv)).scanner_augment == 0.0

@@ -400,7 +400,8 @@ class TrainConfig:
     foreground pixel (small structures such as grey matter); ``device``: auto, cpu, cuda, mps.
     A 3D U-Net trains on ``(crop_depth, crop, crop)`` patches of whole volumes instead (slices
     mirrored where a volume is thinner), with flips, 90° turns, small in-plane affine and
-    intensity changes (no elastic deformation).
+    intensity changes (no elastic deformation). ``scanner_augment`` (0 to 1) adds what other
+    scanners and sites change (gamma, bias field, blur, noise) to every crop.
     """
 
     steps: int = 2000
@@ -415,8 +416,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     crop_depth: int = 16
+    scanner_augment: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.scanner_augment <= 1.0:
+            raise ValueError(
+                f"scanner_augment must be in [0, 1] (0: off, 1: full ranges), got "
+                f"{self.scanner_augment}"
+            )
         for name in ("steps", "batch_size", "crop", "validate_every", "crop_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

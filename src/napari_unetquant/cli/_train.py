@@ -110,6 +110,13 @@ def _add_schedule_arguments(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--elastic", action="store_true", help="add elastic deformations")
+    train.add_argument(
+        "--scanner-augment",
+        type=float,
+        default=TrainConfig.scanner_augment,
+        metavar="S",
+        help="0 to 1: also vary gamma, bias field, blur and noise as other scanners do",
+    )
 
 
 def _spacing(text: str) -> tuple[float, float] | str | None:
@@ -148,6 +155,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         loss=args.loss,
         augment=not args.no_augment,
         elastic=args.elastic,
+        scanner_augment=args.scanner_augment,
         seed=args.seed,
         device=args.device,
         **{key: value for key, value in chosen.items() if value is not None},

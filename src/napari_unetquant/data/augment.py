@@ -25,6 +25,9 @@ class AugmentConfig:
     elastic_alpha: float = 0.0
     elastic_sigma: float = 6.0
     intensity: float = 0.1
+    scanner: float = 0.0
+    """Strength (0: off, 1: the full ranges) of changes other scanners and sites make: gamma,
+    a smooth multiplicative bias field, blur, noise, on top of the gain and offset."""
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -84,11 +87,57 @@ def _random_centre(
 
 
 def _intensity(crop: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """A random gain and offset (float32 out)."""
+    """Scanner-like changes (when ``config.scanner``), then a random gain and offset (float32
+    out)."""
+    if config.scanner > 0:
+        crop = _scanner(crop, config.scanner, rng)
     if config.intensity > 0:
         gain = 1.0 + rng.uniform(-1, 1) * config.intensity
         crop = crop * gain + rng.uniform(-1, 1) * config.intensity
     result: np.ndarray = crop.astype(np.float32)
+    return result
+
+
+GAMMA_RANGE = 0.4
+"""Gamma between 1 / (1 + r) and 1 + r at full strength."""
+BIAS_RANGE = 0.3
+"""A smooth multiplicative field between 1 - r and 1 + r across a crop at full strength."""
+BLUR_SIGMA = 1.0
+NOISE_SD = 0.1
+"""Gaussian blur up to this sigma (pixels) and noise up to this SD (normalised units)."""
+
+
+def _scanner(crop: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """What another scanner or site does to a normalised crop (2D ``(H, W)`` or 3D): a gamma
+    on its intensity range, a smooth bias field, blur (resolution) and noise, each of a random
+    amount up to ``strength`` times its range. The crop's mean and SD are kept, as the
+    normalisation would make them."""
+    mean, sd = float(crop.mean()), float(crop.std()) or 1.0
+    low, high = float(crop.min()), float(crop.max())
+    span = max(high - low, 1e-6)
+    gamma = (1.0 + GAMMA_RANGE * strength) ** rng.uniform(-1, 1)
+    out = low + span * ((crop - low) / span) ** gamma
+    out = out * _bias_field(crop.shape, BIAS_RANGE * strength, rng)
+    sigma = rng.uniform(0, BLUR_SIGMA * strength)
+    plane = (0,) * (crop.ndim - 2) + (sigma, sigma)  # 3D patches: in-plane blur only
+    out = ndimage.gaussian_filter(out, plane) if sigma > 0.05 else out
+    out = out + rng.normal(0, rng.uniform(0, NOISE_SD * strength), crop.shape)
+    out = (out - out.mean()) / (float(out.std()) or 1.0) * sd + mean
+    result: np.ndarray = out.astype(np.float32)
+    return result
+
+
+def _bias_field(shape: tuple[int, ...], amount: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth field of mean about 1 varying by up to ``amount``: a random plane plus a
+    quadratic in-plane (``(H, W)`` broadcast over leading axes)."""
+    rows, cols = np.meshgrid(
+        np.linspace(-1, 1, shape[-2]), np.linspace(-1, 1, shape[-1]), indexing="ij"
+    )
+    terms = np.stack([rows, cols, rows * cols, rows**2 - 1 / 3, cols**2 - 1 / 3])
+    weights = rng.uniform(-1, 1, len(terms))
+    field = np.tensordot(weights, terms, axes=1)
+    field = field / max(float(np.abs(field).max()), 1e-6) * amount
+    result: np.ndarray = 1.0 + field
     return result
 
 

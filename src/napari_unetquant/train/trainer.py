@@ -11,6 +11,7 @@ import copy
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ class Trainer:
         self.best_step = 0
         self.best_state: dict[str, Tensor] | None = None
         augment = ELASTIC if config.elastic else AugmentConfig()
+        augment = replace(augment, scanner=config.scanner_augment)
         self.augment = augment if config.augment else AugmentConfig.none()
         self.loss_fn = bce_dice_loss if config.loss == "bce_dice" else soft_dice_loss
         self._foreground = [np.argwhere(mask).astype(np.float64) for mask in train.masks]
