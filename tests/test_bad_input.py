@@ -36,7 +36,7 @@ LABELS = [
     ("labels-shape.tif", "labels must be on the image's grid"),
     ("labels-fraction.tif", "labels must be an integer mask, but they hold fractional or NaN"),
     ("labels-nan.tif", "labels must be an integer mask, but they hold fractional or NaN"),
-    ("labels-empty.tif", "no foreground; check the foreground value and the files (option --fore"),
+    ("labels-empty.tif", "the labels contain no foreground; they hold 0 ("),
     ("rgb.tif", "colour (RGB)"),
     ("truncated.tif", "check that the file is complete"),
 ]

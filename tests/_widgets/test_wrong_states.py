@@ -115,3 +115,23 @@ def test_removed_layers_leave_the_dice_readout(make_napari_viewer: Callable[...,
     assert list(dice.scores) == ["first"] and "second" not in dice.summary.value
     viewer.layers.remove("truth")
     assert dice.scores == {} and dice.summary.value == ""
+
+
+def test_the_docks_show_the_values_the_labels_hold(
+    make_napari_viewer: Callable[..., Any], errors: list[str]
+) -> None:
+    viewer = make_napari_viewer()
+    labels = np.full((2, 16, 16), 255, np.uint8)
+    labels[:, :, :4] = 0  # ISBI-like: membranes 0, interior 255
+    truth = viewer.add_labels(labels, name="isbi")
+    image = viewer.add_image(np.ones((2, 16, 16), np.float32), name="image")
+    train, dice = _dock(viewer, "Train quantized U-Net"), _dock(viewer, "Dice readout")
+    train.ground_truth.value = dice.truth.value = truth
+    assert train.values_held.value == "255 (384 px), 0 (128 px)"
+    assert dice.values_held.value == train.values_held.value
+    train.image.value, train.foreground_value.value = image, "7"
+    train.start.clicked()
+    assert errors == [
+        "no pixel of the labels has the value 7; they hold 255 (384 px), 0 (128 px); choose one "
+        "of those"
+    ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, LineEdit, PushButton, SpinBox, create_widget
+from magicgui.widgets import Container, Label, LineEdit, PushButton, SpinBox, create_widget
 from magicgui.widgets.bases import ValueWidget
 from napari.layers import Image, Labels
 from napari.qt.threading import GeneratorWorker, thread_worker
@@ -18,7 +18,7 @@ from qtpy.QtCore import QSettings
 
 from ..config import UNetConfig
 from ..data.io import SliceSource, Volume, array_source
-from ..data.preprocess import foreground_mask
+from ..data.preprocess import foreground_mask, label_values
 from ..errors import settings_hint
 from ..recipes import QuantChoice
 from ._io import VOLUME_KEY
@@ -85,7 +85,34 @@ def foreground(labels: np.ndarray, value: str) -> np.ndarray:
         raise ValueError(
             f"foreground value {value!r} is not a whole number; leave it empty for non-zero"
         ) from None
-    return foreground_mask(labels, number)
+    mask = foreground_mask(labels, number)
+    if not mask.any():
+        raise ValueError(
+            f"no pixel of the labels has the value {number}; they hold {label_values(labels)}; "
+            f"choose one of those"
+        )
+    return mask
+
+
+VALUES_LIMIT = 50_000_000
+"""Labels layers up to this many pixels show the values they hold (larger ones: not read)."""
+
+
+def values_text(layer: Labels | None) -> str:
+    """What a Labels layer holds, for the dock to show beside its foreground value."""
+    if layer is None:
+        return ""
+    if int(np.prod(layer.data.shape)) > VALUES_LIMIT:
+        return "(too large to list)"
+    return label_values(np.asarray(layer.data))
+
+
+def values_label(labels: ValueWidget[Any]) -> Label:
+    """A label showing the values the chosen Labels layer holds (an ISBI mask: 0 = membrane
+    and 255 = interior; the default foreground, non-zero, is the interior)."""
+    held = Label(value=values_text(labels.value), label="values held")
+    labels.changed.connect(lambda layer: setattr(held, "value", values_text(layer)))
+    return held
 
 
 def quant_choice(method: str, weight_bits: int, act_bits: int, paper: bool) -> QuantChoice:
@@ -231,10 +258,19 @@ class TrainingInputs(Container):
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
+        self.values_held = values_label(self.ground_truth)
         self.network_width = SpinBox(
             value=UNetConfig.base_width, min=4, max=128, step=4, label="network width"
         )
-        self.extend([self.image, self.ground_truth, self.foreground_value, self.network_width])
+        self.extend(
+            [
+                self.image,
+                self.ground_truth,
+                self.foreground_value,
+                self.values_held,
+                self.network_width,
+            ]
+        )
 
     def training_data(self) -> tuple[Volume, np.ndarray]:
         """The chosen image as a volume and the object mask ``(S, H, W)``."""

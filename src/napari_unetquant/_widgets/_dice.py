@@ -8,7 +8,7 @@ import napari
 from magicgui.widgets import Container, Label, LineEdit, PushButton, Select, Table, create_widget
 
 from ..metrics import SegmentationScores, segmentation_scores
-from ._common import foreground, layer_volume, notify_error
+from ._common import foreground, layer_volume, notify_error, values_label
 
 
 class DiceWidget(Container):
@@ -21,6 +21,7 @@ class DiceWidget(Container):
         self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "ground-truth label of the object; empty: non-zero"
+        self.values_held = values_label(self.truth)
         self.predictions = Select(choices=self._labels_layers, label="predictions")
         self.compute = PushButton(text="Compute Dice")
         self.summary = Label(value="", label="summary")
@@ -29,6 +30,7 @@ class DiceWidget(Container):
             [
                 self.truth,
                 self.foreground_value,
+                self.values_held,
                 self.predictions,
                 self.compute,
                 self.summary,

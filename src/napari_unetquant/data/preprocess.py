@@ -17,6 +17,16 @@ def zscore(image: np.ndarray) -> np.ndarray:
     return normalised
 
 
+def label_values(labels: np.ndarray, most: int = 8) -> str:
+    """The values a label image holds with their pixel counts, most frequent first:
+    ``"0 (262,144 px), 255 (70,000 px)"`` (``most`` at the most, then how many more)."""
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    shown = [f"{values[i]:g} ({counts[i]:,} px)" for i in order[:most]]
+    more = len(values) - most
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
 def foreground_mask(
     labels: np.ndarray, foreground_value: int | None = None, source: str = ""
 ) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import PreprocessConfig
 from ..data.io import Volume, labels_on_image_grid, read_volume
-from ..data.preprocess import foreground_mask, network_input, network_mask
+from ..data.preprocess import foreground_mask, label_values, network_input, network_mask
 from ..errors import SettingError
 from .sets import SliceSet, VolumeSet
 
@@ -54,9 +54,10 @@ def read_pairs(
     if require_foreground and not any(pair.mask.any() for pair in pairs):
         hint = "" if foreground_value is None else f" (value {foreground_value})"
         files = ", ".join(str(path) for path in labels)
+        held = label_values(read_volume(labels[0]).array)
         raise SettingError(
-            f"{files}: the labels contain no foreground{hint}; check the foreground value "
-            f"and the files",
+            f"{files}: the labels contain no foreground{hint}; they hold {held}; check the "
+            f"foreground value and the files",
             "foreground_value",
         )
     return pairs
