@@ -94,6 +94,10 @@ def test_sample_train_segment_and_dice_end_to_end(
     assert prediction.data.shape == (4, 256, 256)
     assert tuple(prediction.scale) == tuple(viewer.layers["EM phantom"].scale)
     assert "4-bit weights" in segment.info.value
+    made_by = prediction.metadata["napari_unetquant_prediction"]
+    assert made_by == {"model": "W4A6", "foreground_value": None}
+    truth_colour = viewer.layers["EM phantom membranes"].colormap.map([1])
+    assert not np.allclose(prediction.colormap.map([1]), truth_colour)  # told apart
 
     segment.integer.value = True  # the same model on integer arithmetic
     segment.run_button.clicked()
@@ -113,6 +117,7 @@ def test_sample_train_segment_and_dice_end_to_end(
     dice.compute.clicked()
     expected = segmentation_scores(prediction.data != 0, viewer.layers["EM phantom membranes"].data)
     assert f"mean Dice {expected.dice_mean:.4f}" in dice.summary.value
+    assert dice.summary.value.startswith("scoring non-zero ground truth")
     assert dice.table.shape == (4, 2)
     dice.go_to_slice(2)
     assert viewer.dims.current_step[0] == 2

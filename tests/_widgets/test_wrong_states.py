@@ -135,3 +135,26 @@ def test_the_docks_show_the_values_the_labels_hold(
         "no pixel of the labels has the value 7; they hold 255 (384 px), 0 (128 px); choose one "
         "of those"
     ]
+
+
+def test_the_dice_readout_scores_the_value_the_model_was_trained_on(
+    make_napari_viewer: Callable[..., Any],
+) -> None:
+    viewer = make_napari_viewer()
+    truth = np.full((2, 16, 16), 255, np.uint8)
+    truth[:, :, :4] = 0  # membranes 0, as in ISBI
+    viewer.add_labels(truth, name="isbi")
+    made_by = {"napari_unetquant_prediction": {"model": "W4A6", "foreground_value": 0}}
+    membranes = viewer.add_labels((truth == 0).astype(np.uint8), name="pred", metadata=made_by)
+    dice = _dock(viewer, "Dice readout")
+    dice.truth.value = viewer.layers["isbi"]
+    dice.predictions.reset_choices()
+    dice.predictions.value = [membranes]
+    dice.compute.clicked()
+    assert dice.scores["pred"].dice_mean == 1.0  # value 0 scored, not the non-zero interior
+    assert dice.summary.value.startswith(
+        "scoring ground-truth value 0 (the value the model was trained on)"
+    )
+    dice.foreground_value.value = "255"  # a typed value wins
+    dice.compute.clicked()
+    assert dice.scores["pred"].dice_mean == 0.0 and "value 255" in dice.summary.value

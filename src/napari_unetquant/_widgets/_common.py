@@ -33,6 +33,9 @@ QUANTIZERS = [
 BIT_METHODS = ("fixed", "lsq")
 """Quantizers whose bit widths the user chooses."""
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+PREDICTION_KEY = "napari_unetquant_prediction"
+"""Layer metadata of a Segment result: the model's label and the foreground value it was
+trained on (the Dice readout scores that value of the ground truth by default)."""
 
 
 def layer_volume(layer: Image | Labels) -> Volume:

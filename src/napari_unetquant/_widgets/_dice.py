@@ -8,7 +8,7 @@ import napari
 from magicgui.widgets import Container, Label, LineEdit, PushButton, Select, Table, create_widget
 
 from ..metrics import SegmentationScores, segmentation_scores
-from ._common import foreground, layer_volume, notify_error, values_label
+from ._common import PREDICTION_KEY, foreground, layer_volume, notify_error, values_label
 
 
 class DiceWidget(Container):
@@ -40,6 +40,7 @@ class DiceWidget(Container):
         self.compute.clicked.connect(self.run)
         self.table.native.cellClicked.connect(self.go_to_slice)
         self.scores: dict[str, SegmentationScores] = {}
+        self.scored = ""
         self._scored_truth: str | None = None
         napari_viewer.layers.events.removed.connect(self._forget_removed)
         self.native.destroyed.connect(
@@ -56,7 +57,8 @@ class DiceWidget(Container):
         try:
             if self.truth.value is None or not self.predictions.value:
                 raise ValueError("choose a ground-truth layer and at least one prediction")
-            truth = foreground(layer_volume(self.truth.value).array, self.foreground_value.value)
+            value, self.scored = self._foreground_value()
+            truth = foreground(layer_volume(self.truth.value).array, value)
             self.scores = {}
             for layer in self.predictions.value:
                 prediction = layer_volume(layer).array != 0
@@ -72,6 +74,20 @@ class DiceWidget(Container):
         self._scored_truth = self.truth.value.name
         self._show()
 
+    def _foreground_value(self) -> tuple[str, str]:
+        """The ground-truth value to score and how to say it: the one typed, else the value
+        the chosen predictions' model was trained on (when they agree), else non-zero."""
+        typed = self.foreground_value.value.strip()
+        if typed:
+            return typed, f"ground-truth value {typed}"
+        trained = {
+            layer.metadata.get(PREDICTION_KEY, {}).get("foreground_value")
+            for layer in self.predictions.value
+        }
+        if len(trained) == 1 and (value := trained.pop()) is not None:
+            return str(value), f"ground-truth value {value} (the value the model was trained on)"
+        return "", "non-zero ground truth"
+
     def _forget_removed(self, event: Any) -> None:
         """A removed layer's scores leave the readout (all of them with the ground truth)."""
         name = event.value.name
@@ -84,7 +100,7 @@ class DiceWidget(Container):
             self.summary.value, self.table.value = "", [[]]
 
     def _show(self) -> None:
-        self.summary.value = "\n".join(
+        self.summary.value = f"scoring {self.scored}\n" + "\n".join(
             f"{name}: mean Dice {s.dice_mean:.4f}, volume Dice {s.dice_volume:.4f}, "
             f"IoU {s.iou_mean:.4f}"
             for name, s in self.scores.items()

@@ -19,6 +19,7 @@ from magicgui.widgets import (
     PushButton,
     create_widget,
 )
+from napari.utils.colormaps import DirectLabelColormap
 
 from ..config import InferConfig
 from ..devices import resolve_device
@@ -26,9 +27,11 @@ from ..jobs import segment_array
 from ..modelio import SegmentationModel, check_grey_input, load_model
 from ..quant import bit_report
 from . import _session
-from ._common import DEVICES, Persistent, layer_source, notify_error, start_worker
+from ._common import DEVICES, PREDICTION_KEY, Persistent, layer_source, notify_error, start_worker
 
 FROM_FILE = "model file..."
+PREDICTION_COLOUR = "magenta"
+"""Predictions (1 = the object) in one colour unlike any ground truth's random label colours."""
 
 
 class SegmentWidget(Container):
@@ -131,11 +134,18 @@ class SegmentWidget(Container):
     ) -> None:
         mask = mask if layer.ndim == 3 else mask[0]
         suffix = " integer" if self.integer.value else ""
+        made_by = {
+            "model": bundle.quant.label,
+            "foreground_value": bundle.info.get("foreground_value"),
+        }
         self._viewer.add_labels(
             mask,
             name=f"{layer.name} {bundle.quant.label}{suffix}",
             scale=layer.scale,
             translate=layer.translate,
-            metadata=dict(layer.metadata),
+            metadata={**layer.metadata, PREDICTION_KEY: made_by},
+            colormap=DirectLabelColormap(
+                color_dict={None: PREDICTION_COLOUR, 0: "transparent", 1: PREDICTION_COLOUR}
+            ),
         )
         self.status.value = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"
