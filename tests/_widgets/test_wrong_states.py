@@ -158,3 +158,27 @@ def test_the_dice_readout_scores_the_value_the_model_was_trained_on(
     dice.foreground_value.value = "255"  # a typed value wins
     dice.compute.clicked()
     assert dice.scores["pred"].dice_mean == 0.0 and "value 255" in dice.summary.value
+
+
+def test_start_prepares_the_data_in_the_worker_not_the_viewer(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    threads: list[str] = []
+    real = _train.start_training
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(_train, "start_training", recording)
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train quantized U-Net")
+    train.image.value, train.ground_truth.value = _data(viewer)
+    train.network_width.value, train.steps.value, train.quantizer.value = 4, 2, "float"
+    train.start.clicked()
+    assert train.status.value == "preparing the data and the network..."
+    qtbot.waitUntil(lambda: train.start.enabled and train.last_model is not None, timeout=TIMEOUT)
+    assert threads and threads != [threading.main_thread().name]
+    assert train.progress.max == 2 and train.training is not None

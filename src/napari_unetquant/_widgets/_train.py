@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from napari.utils.notifications import show_info
 from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..devices import resolve_device
 from ..events import Event, StepEvent
-from ..jobs import TrainingRun, start_training
+from ..jobs import TrainingRun, check_training_data, start_training
 from ..modelio import SegmentationModel, save_model
 from ..recipes import ACT_BITS, DOCK_STEPS, WEIGHT_BITS, meaning, train_config
 from . import _session
@@ -152,7 +152,9 @@ class TrainWidget(TrainingInputs):
         ]
         return models[-1] if models else None
 
-    def _prepare(self) -> TrainingRun:
+    def _prepare(self) -> Callable[[], TrainingRun]:
+        """Check the choices here, on the GUI thread (quick); returns what builds the run
+        (slow: normalisation, resampling, the network), for the worker to call."""
         image, labels = self.training_data()
         quant = self.quant_config()
         init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
@@ -165,24 +167,28 @@ class TrainWidget(TrainingInputs):
         config = self.train_config(fine_tune=init is not None)
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
         unet = UNetConfig(base_width=self.network_width.value, spatial_dims=self.network.value)
-        return start_training(image, labels, quant, config, unet, init)
+        check_training_data(image, labels, init)
+        return lambda: start_training(image, labels, quant, config, unet, init)
 
     def run(self) -> None:
-        """Start training in a worker thread (the Start button)."""
+        """Start training in a worker thread (the Start button): the data are prepared there
+        too, so the viewer stays responsive."""
         try:
-            self.training = self._prepare()
+            build = self._prepare()
         except ValueError as error:
             notify_error(error)
             return
-        steps = self.training.trainer.config.steps
-        self.progress.max, self.progress.value = steps, 0
+        self.training = None
+        self.progress.max, self.progress.value = 0, 0  # busy until the first step
         self.plot.clear()
-        device = self.training.trainer.device
-        self.status.value = f"training {self.training.quant.label} on {device}"
-        training = self.training
+        self.status.value = "preparing the data and the network..."
         image_name = self.image.value.name if self.image.value is not None else "image"
+        started: list[TrainingRun] = []
 
-        def work() -> Generator[Event, None, None]:  # napari stops it between steps
+        def work() -> Generator[Event | TrainingRun, None, None]:  # stops between steps
+            training = build()
+            started.append(training)
+            yield training  # the GUI thread takes it
             yield from training.events()
 
         self.worker = start_worker(
@@ -191,7 +197,7 @@ class TrainWidget(TrainingInputs):
             (self.start, self.stop),
             on_yield=self._on_event,
             on_finish=self._finished,
-            on_orphaned=lambda: recover(training, image_name),
+            on_orphaned=lambda: started and recover(started[0], image_name),
         )
 
     def request_stop(self) -> None:
@@ -200,8 +206,13 @@ class TrainWidget(TrainingInputs):
             self.worker.quit()
             self.status.value = "stopping after this step..."
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, StepEvent):
+    def _on_event(self, event: Event | TrainingRun) -> None:
+        if isinstance(event, TrainingRun):
+            self.training = event
+            self.progress.max = event.trainer.config.steps
+            device = event.trainer.device
+            self.status.value = f"training {event.quant.label} on {device}"
+        elif isinstance(event, StepEvent):
             self.progress.value = event.step
             minutes, seconds = divmod(int(event.eta_seconds), 60)
             self.status.value = (

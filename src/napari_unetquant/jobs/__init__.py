@@ -9,7 +9,13 @@ from .exporting import Export, export_model
 from .segmenting import evaluate_files, segment_array, segment_to_file
 from .sweep import SweepJob, SweepResult, sweep, write_sweep_csv
 from .train_file import TrainJob, train_model
-from .training import TrainingRun, model_name, requantized, start_training
+from .training import (
+    TrainingRun,
+    check_training_data,
+    model_name,
+    requantized,
+    start_training,
+)
 
 __all__ = [
     "Export",
@@ -17,6 +23,7 @@ __all__ = [
     "SweepResult",
     "TrainJob",
     "TrainingRun",
+    "check_training_data",
     "evaluate_files",
     "export_model",
     "model_name",

@@ -145,6 +145,27 @@ def begin(
     return TrainingRun(trainer, start.unet, quant, preprocess, info)
 
 
+def check_training_data(
+    image: Volume, labels: np.ndarray, init: SegmentationModel | None = None
+) -> None:
+    """The quick checks of :func:`start_training` (shapes, foreground, finite pixels, the
+    model to fine-tune), for a shell to run before it hands the slow part to a thread."""
+    if labels.shape != image.array.shape:
+        raise ValueError(
+            f"labels of shape {labels.shape} do not match the image {image.array.shape}; "
+            f"choose the labels drawn on this image"
+        )
+    if not labels.any():
+        raise ValueError("the labels contain no foreground; paint or load some first")
+    if not np.isfinite(image.array).all():
+        raise ValueError(
+            f"{image.source}: the image holds NaN or Inf pixels; replace them (e.g. with 0) "
+            f"before training or segmenting"
+        )
+    if init is not None:
+        check_fine_tune_source(init, model_name(init))
+
+
 def start_training(
     image: Volume,
     labels: np.ndarray,
@@ -156,16 +177,8 @@ def start_training(
     """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
     model's metadata names it (:func:`model_name`)."""
+    check_training_data(image, labels, init)
     mask = labels.astype(np.uint8)
-    if mask.shape != image.array.shape:
-        raise ValueError(
-            f"labels of shape {mask.shape} do not match the image {image.array.shape}; "
-            f"choose the labels drawn on this image"
-        )
-    if not mask.any():
-        raise ValueError("the labels contain no foreground; paint or load some first")
-    if init is not None:
-        check_fine_tune_source(init, model_name(init))
     start = start_network(quant, train.seed, unet, init)
     pairs = split_validation([LabelledVolume(image, mask)])
     preprocess = start.preprocess or PreprocessConfig(spacing=median_spacing(pairs[0]))
