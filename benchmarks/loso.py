@@ -63,6 +63,7 @@ def fold(person: str) -> paper_table.Dataset:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     setup = paper_table.Setup(scanner_augment=args.scanner_augment)
+    qat = paper_table.Setup(scanner_augment=args.qat_scanner_augment or args.scanner_augment)
     settings = [(label, QuantConfig.from_label(label)) for label in args.settings]
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = []
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if quant.is_float:
                     continue
                 steps, init = args.fine_tune_steps, fp["model"]
-                result = paper_table._run(dataset, label, quant, seed, steps, init, setup)
+                result = paper_table._run(dataset, label, quant, seed, steps, init, qat)
                 results.append({**result, "person": person})
     return results
 
@@ -141,16 +142,22 @@ def main() -> None:
     parser.add_argument(
         "--scanner-augment", type=float, default=0.0, help="train with this scanner augmentation"
     )
+    parser.add_argument(
+        "--qat-scanner-augment",
+        type=float,
+        default=0.0,
+        help="scanner augmentation in the quantized fine-tunes only (FP as by default)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     labels = ["FP", *[s for s in args.settings if s != "FP"]]
     results = run(args)
     info = machine()
-    recipe = (
-        f"scanner augmentation {args.scanner_augment:g}"
-        if args.scanner_augment
-        else ("the default recipe")
-    )
+    recipe = "the default recipe"
+    if args.scanner_augment:
+        recipe = f"scanner augmentation {args.scanner_augment:g}"
+    elif args.qat_scanner_augment:
+        recipe = f"scanner augmentation {args.qat_scanner_augment:g} in the quantized fine-tunes"
     caption = (
         f"Spinal GM, leave one person out: test on the unseen person (full slices, original "
         f"grid, mean per-slice Dice %), model selected on a single-session subject of another "
@@ -162,6 +169,7 @@ def main() -> None:
         return  # a part of the folds: the table comes from a run over all of them
     text = markdown(table(results, labels), caption)
     name = "loso" + (f"-scanner{args.scanner_augment:g}" if args.scanner_augment else "")
+    name += f"-qat-scanner{args.qat_scanner_augment:g}" if args.qat_scanner_augment else ""
     write_results(name, {"machine": info, "results": results}, text)
     print(text)
     if args.update_readme:
