@@ -114,6 +114,7 @@ def values_label(labels: ValueWidget[Any]) -> Label:
     """A label showing the values the chosen Labels layer holds (an ISBI mask: 0 = membrane
     and 255 = interior; the default foreground, non-zero, is the interior)."""
     held = Label(value=values_text(labels.value), label="values held")
+    held.native.setWordWrap(True)
     labels.changed.connect(lambda layer: setattr(held, "value", values_text(layer)))
     return held
 

@@ -65,6 +65,7 @@ class TrainWidget(TrainingInputs):
         self.act_bits = SpinBox(value=ACT_BITS, min=1, max=8, label="activation bits")
         self.paper = CheckBox(value=False, text="paper formats (Q0.4 / Q6.0)")
         self.format = Label(label="format")
+        self.format.native.setWordWrap(True)  # long descriptions must not widen the dock
         self.fine_tune = CheckBox(value=True, text="fine-tune from this session's FP model")
         self.steps = SpinBox(value=DOCK_STEPS, min=1, max=100_000, label="steps")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
