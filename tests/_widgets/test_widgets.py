@@ -196,6 +196,7 @@ def test_sweep_plots_and_exports_csv(
     sweep.start.clicked()
     qtbot.waitUntil(lambda: sweep.start.enabled and bool(sweep.results), timeout=TIMEOUT)
     assert [r.label for r in sweep.results] == ["FP", "W4A6", "ternary"]
+    assert sweep.progress.max == sweep.progress.value == 4 + 2 + 2  # one bar over the sweep
     fp = sweep.results[0].model
     assert fp.info["init"] is None and fp.info["steps"] == 4
     for result in sweep.results[1:]:  # fine-tuned from this sweep's FP model, for 2 steps

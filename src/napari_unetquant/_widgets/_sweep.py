@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 
 import napari
@@ -9,6 +10,7 @@ from magicgui.widgets import (
     FileEdit,
     Label,
     LineEdit,
+    ProgressBar,
     PushButton,
     SpinBox,
     Table,
@@ -45,6 +47,7 @@ class SweepWidget(TrainingInputs):
         )
         self.start = PushButton(text="Run sweep")
         self.stop = PushButton(text="Stop", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="", label="status")
         self.table = Table(value=[[]])
         self.csv_path = FileEdit(mode="w", filter="*.csv", label="CSV file")
@@ -56,6 +59,7 @@ class SweepWidget(TrainingInputs):
                 self.quant_steps,
                 self.start,
                 self.stop,
+                self.progress,
                 self.status,
                 self.table,
                 self.csv_path,
@@ -79,6 +83,7 @@ class SweepWidget(TrainingInputs):
         self.stop.clicked.connect(lambda: self.worker and self.worker.quit())
         self.export.clicked.connect(self.export_csv)
         self.results: list[SweepResult] = []
+        self._steps_done, self._started = 0, time.monotonic()
         self.worker: GeneratorWorker | None = None
 
     def job(self) -> SweepJob:
@@ -116,6 +121,8 @@ class SweepWidget(TrainingInputs):
         self.results = []
         self.by_bits.clear()
         self.by_size.clear()
+        self._steps_done, self._started = 0, time.monotonic()
+        self.progress.max, self.progress.value = self._total_steps(job), 0
         self.worker = start_worker(
             work,
             {"total": 0, "desc": "Bit-width sweep"},
@@ -134,7 +141,23 @@ class SweepWidget(TrainingInputs):
             self.table.value = {key: [row[key] for row in rows] for key in rows[0]}
             self.status.value = f"{event.label}: validation Dice {event.dice:.3f}"
         elif isinstance(event, StepEvent):
-            self.status.value = f"step {event.step}/{event.steps}, loss {event.loss:.3f}"
+            done = self._steps_done + event.step
+            self.progress.value = done
+            rate = (time.monotonic() - self._started) / done
+            minutes, seconds = divmod(int(rate * (self.progress.max - done)), 60)
+            setting = len(self.results) + 1
+            self.status.value = (
+                f"setting {setting}: step {event.step}/{event.steps}, loss {event.loss:.3f}; "
+                f"sweep ETA {minutes}m{seconds:02d}s"
+            )
+            if event.step == event.steps:
+                self._steps_done += event.steps
+
+    @staticmethod
+    def _total_steps(job: SweepJob) -> int:
+        """Every step of the sweep, for one progress bar over all its settings."""
+        steps = [job.fp_steps if q.is_float else job.fine_tune_steps for q in job.settings]
+        return max(1, sum(s or 0 for s in steps))
 
     def _finished(self) -> None:
         self.export.enabled = bool(self.results)
