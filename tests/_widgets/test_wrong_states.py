@@ -182,3 +182,20 @@ def test_start_prepares_the_data_in_the_worker_not_the_viewer(
     qtbot.waitUntil(lambda: train.start.enabled and train.last_model is not None, timeout=TIMEOUT)
     assert threads and threads != [threading.main_thread().name]
     assert train.progress.max == 2 and train.training is not None
+
+
+def test_plots_have_axes_a_pareto_front_and_export(qtbot: Any, tmp_path: Path) -> None:
+    from napari_unetquant._widgets._plot import PlotWidget
+
+    plot = PlotWidget("Dice vs size", "stored weights (KiB)", "validation Dice", False, True)
+    qtbot.addWidget(plot)
+    for kib, dice, label in ((1200, 0.80, "FP"), (170, 0.79, "W4A6"), (300, 0.78, "W8A8")):
+        plot.add_point("Dice", kib, dice, label)
+    plot.log_x = True
+    plot.add_point("Dice", 60, 0.5, "binary")
+    assert [p[2] for p in plot.pareto_front()] == ["binary", "W4A6", "FP"]  # W8A8 is beaten
+    assert plot.axes.get_xscale() == "log" and plot.axes.get_xlabel() == "stored weights (KiB)"
+    assert [t.get_text() for t in plot.axes.get_legend().get_texts()] == ["Dice", "Pareto front"]
+    png, svg = plot.save(tmp_path / "sweep"), plot.save(tmp_path / "sweep.svg")
+    assert png.name == "sweep.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert svg.read_text().lstrip().startswith("<?xml")

@@ -1,82 +1,108 @@
-"""A small Qt plot (lines or labelled points) drawn with QPainter: no plotting library needed."""
+"""The docks' plots: matplotlib's Qt canvas with axes, ticks, a legend and PNG/SVG export."""
 
 from __future__ import annotations
 
-import itertools
 import math
+from pathlib import Path
 
-from qtpy.QtCore import QPointF, QRectF, Qt
-from qtpy.QtGui import QColor, QPainter, QPaintEvent, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QFileDialog, QPushButton, QSizePolicy, QVBoxLayout, QWidget
 
-COLOURS = ("#f0a030", "#40a0f0", "#60d060", "#e05050")
+from ._common import notify_error
+
+FORMATS = (".png", ".svg", ".pdf")
 
 
 class PlotWidget(QWidget):
-    """Series of (x, y) points drawn as lines (``lines=True``) or labelled dots."""
+    """Series of (x, y) points drawn as lines (``lines=True``) or labelled dots; with
+    ``pareto``, the front of the points no other beats on both axes (smaller x, higher y)."""
 
-    def __init__(self, title: str, x_label: str, y_label: str, lines: bool = True) -> None:
+    def __init__(
+        self, title: str, x_label: str, y_label: str, lines: bool = True, pareto: bool = False
+    ) -> None:
         super().__init__()
-        self.title, self.x_label, self.y_label, self.lines = title, x_label, y_label, lines
+        self.title, self.x_label, self.y_label = title, x_label, y_label
+        self.lines, self.pareto = lines, pareto
         self.series: dict[str, list[tuple[float, float, str]]] = {}
         self.log_x = False
-        self.setMinimumHeight(160)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.figure = Figure(figsize=(4.0, 2.8), layout="constrained")
+        self.axes = self.figure.add_subplot()
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(200)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.export = QPushButton("Save plot...")
+        self.export.clicked.connect(self._ask_and_save)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas)
+        layout.addWidget(self.export)
+        self._draw()
 
     def add_point(self, name: str, x: float, y: float, label: str = "") -> None:
         if math.isfinite(x) and math.isfinite(y):
             self.series.setdefault(name, []).append((x, y, label))
-            self.update()
+            self._draw()
 
     def clear(self) -> None:
         self.series.clear()
-        self.update()
+        self._draw()
 
-    def _x(self, x: float) -> float:
-        return math.log2(max(x, 1e-9)) if self.log_x else x
+    def save(self, path: str | Path) -> Path:
+        """The figure as PNG, SVG or PDF (by suffix; ``.png`` added when there is none)."""
+        target = Path(path)
+        if target.suffix.lower() not in FORMATS:
+            target = target.with_name(target.name + ".png")
+        self.figure.savefig(target, dpi=150)
+        return target
 
-    def paintEvent(self, event: QPaintEvent | None) -> None:
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        area = QRectF(self.rect()).adjusted(44, 22, -10, -28)
-        painter.setPen(QPen(QColor("#888888")))
-        painter.drawRect(area)
-        painter.drawText(QRectF(0, 0, self.width(), 20), Qt.AlignmentFlag.AlignCenter, self.title)
-        painter.drawText(
-            QRectF(0, self.height() - 20, self.width(), 20),
-            Qt.AlignmentFlag.AlignCenter,
-            self.x_label,
+    def pareto_front(self) -> list[tuple[float, float, str]]:
+        """The points no other point beats on both axes (no smaller x with a y as high)."""
+        points = sorted(p for values in self.series.values() for p in values)
+        front: list[tuple[float, float, str]] = []
+        for point in points:
+            if not front or point[1] > front[-1][1]:
+                front.append(point)
+        return front
+
+    def _ask_and_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save plot", f"{self.title}.png", "Images (*.png *.svg *.pdf)"
         )
-        points = [p for values in self.series.values() for p in values]
-        if not points:
-            painter.end()
-            return
-        xs, ys = [self._x(p[0]) for p in points], [p[1] for p in points]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-        painter.drawText(
-            QRectF(0, area.top() - 6, 42, 14), Qt.AlignmentFlag.AlignRight, f"{y1:.3g}"
-        )
-        painter.drawText(
-            QRectF(0, area.bottom() - 8, 42, 14), Qt.AlignmentFlag.AlignRight, f"{y0:.3g}"
-        )
+        if path:
+            try:
+                self.save(path)
+            except (OSError, ValueError) as error:
+                notify_error(error)
 
-        def place(x: float, y: float) -> QPointF:
-            return QPointF(
-                area.left() + (self._x(x) - x0) / (x1 - x0) * area.width(),
-                area.bottom() - (y - y0) / (y1 - y0) * area.height(),
-            )
-
-        for index, (name, values) in enumerate(self.series.items()):
-            colour = QColor(COLOURS[index % len(COLOURS)])
-            painter.setPen(QPen(colour, 2))
-            placed = [place(x, y) for x, y, _ in values]
+    def _draw(self) -> None:
+        axes = self.axes
+        axes.clear()
+        axes.set_title(self.title, fontsize=10)
+        axes.set_xlabel(self.x_label, fontsize=9)
+        axes.set_ylabel(self.y_label, fontsize=9)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3)
+        for name, values in self.series.items():
+            xs, ys = [v[0] for v in values], [v[1] for v in values]
             if self.lines:
-                for a, b in itertools.pairwise(placed):
-                    painter.drawLine(a, b)
-            else:
-                for point, (_, _, label) in zip(placed, values, strict=True):
-                    painter.drawEllipse(point, 3, 3)
-                    painter.drawText(point + QPointF(5, -4), label)
-            painter.drawText(QPointF(area.right() - 90, area.top() + 14 + 14 * index), name)
-        painter.end()
+                axes.plot(xs, ys, label=name, marker="." if len(xs) < 3 else None)
+                continue
+            axes.scatter(xs, ys, label=name, zorder=3)
+            for x, y, text in values:
+                axes.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+        if self.pareto and len(self.pareto_front()) > 1:
+            front = self.pareto_front()
+            axes.plot(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                "--",
+                color="grey",
+                label="Pareto front",
+            )
+        if self.log_x and any(self.series.values()):
+            axes.set_xscale("log", base=2)
+        if self.series:
+            axes.legend(fontsize=8, loc="best")
+        axes.margins(x=0.15, y=0.2)  # room for the point labels at the edges
+        self.canvas.draw_idle()

@@ -66,8 +66,12 @@ class SweepWidget(TrainingInputs):
                 self.export,
             ]
         )
-        self.by_bits = PlotWidget("Dice vs bits", "mean stored weight bits (log)", "Dice", False)
-        self.by_size = PlotWidget("Dice vs size", "stored KiB (log)", "Dice", False)
+        self.by_bits = PlotWidget(
+            "Dice vs bits", "mean stored bits per weight (log scale)", "validation Dice", False
+        )
+        self.by_size = PlotWidget(
+            "Dice vs size", "stored weights (KiB, log scale)", "validation Dice", False, pareto=True
+        )
         self.by_bits.log_x = self.by_size.log_x = True
         self.native.layout().addWidget(self.by_bits)
         self.native.layout().addWidget(self.by_size)
