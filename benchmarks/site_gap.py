@@ -31,7 +31,7 @@ from torch import nn
 
 import loso
 import paper_table
-from _common import RESULTS, machine, machine_line, write_results
+from _common import RESULTS, machine, machine_line, update_readme, write_results
 from napari_unetquant.config import InferConfig
 from napari_unetquant.data.io import read_volume
 from napari_unetquant.data.preprocess import network_input
@@ -176,6 +176,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     rows = analyse(args.seed)
     if not rows:
@@ -188,6 +189,8 @@ def main() -> None:
     text = markdown(rows, caption)
     write_results("site_gap", {"machine": info, "rows": rows}, text)
     print(text)
+    if args.update_readme:
+        update_readme("site_gap", text)
 
 
 if __name__ == "__main__":
