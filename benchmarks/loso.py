@@ -25,7 +25,7 @@ from typing import Any
 
 import paper_table
 from _common import machine, machine_line, update_readme, write_results
-from napari_unetquant.config import QuantConfig
+from napari_unetquant.config import QuantConfig, QuantizerConfig
 
 GM = paper_table.DATA / "spinal-gm"
 PEOPLE = {  # person -> (site, volumes)
@@ -40,6 +40,19 @@ VALIDATION = {  # held-out person -> the single-session subject of another site 
     "sub-9604": "sub-9418",
     "sub-9709": "sub-9418",
 }
+
+
+UNSIGNED_ACTS = {  # candidates: activations are ReLU outputs, so no bit need hold a sign
+    "W4A6u": QuantConfig(
+        weight=QuantizerConfig.from_bits("fixed", 4),
+        act=QuantizerConfig(method="fixed", bits=6, dynamic_rule="max", signed=False),
+    ),
+}
+
+
+def setting(label: str) -> QuantConfig:
+    """``W4A6``-style labels, or a candidate of :data:`UNSIGNED_ACTS`."""
+    return UNSIGNED_ACTS.get(label) or QuantConfig.from_label(label)
 
 
 def _pair(volume: str) -> tuple[str, str]:
@@ -64,7 +77,7 @@ def fold(person: str) -> paper_table.Dataset:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     setup = paper_table.Setup(scanner_augment=args.scanner_augment)
     qat = paper_table.Setup(scanner_augment=args.qat_scanner_augment or args.scanner_augment)
-    settings = [(label, QuantConfig.from_label(label)) for label in args.settings]
+    settings = [(label, setting(label)) for label in args.settings]
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = []
     for seed in seeds:
