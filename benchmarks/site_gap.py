@@ -7,8 +7,8 @@ runs the FP and the W4A6 model over every subject's full slices and reports, per
 - the network input after normalisation (1st, 50th, 99th percentile), to see whether another
   scanner puts intensities elsewhere;
 - saturation: the share of each quantized layer's input activations beyond its fixed-point
-  format's largest value (the worst layer and the mean over layers), and the share of non-zero
-  activations that round to zero;
+  format's largest value (the worst layer and the mean over layers), the share of non-zero
+  activations that round to zero, and the activation steps the formats chose;
 - BatchNorm shift: how far each BatchNorm layer's input mean per channel lies from its running
   mean, in running standard deviations (mean over channels, then the worst layer), for FP.
 
@@ -118,6 +118,17 @@ def _subject(bundle: SegmentationModel, volume: str) -> dict[str, Any]:
     return result
 
 
+def _act_steps(bundle: SegmentationModel) -> str:
+    """The activation steps of the quantized layers: ``2 (x8), 1 (x4)``, coarsest first."""
+    steps: dict[float, int] = {}
+    for module in bundle.model.modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        if isinstance(module, QuantConvNd) and isinstance(quantizer, FixedPointQuantizer):
+            step = 2.0 ** -int(quantizer.frac_bits)
+            steps[step] = steps.get(step, 0) + 1
+    return ", ".join(f"{step:g} (x{n})" for step, n in sorted(steps.items(), reverse=True))
+
+
 def _role(person: str, volume: str) -> str:
     if volume in loso.PEOPLE[person][1]:
         return "unseen"
@@ -147,6 +158,7 @@ def analyse(seed: int) -> list[dict[str, Any]]:
                     "saturated": b.get("sat", {}),
                     "flushed": b.get("zero", {}),
                     "bn_shift_fp": a.get("bn", {}),
+                    "act_steps": _act_steps(w4a6),
                 }
             )
     return rows
@@ -155,8 +167,9 @@ def analyse(seed: int) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], caption: str) -> str:
     lines = [
         "| unseen person (fold) | subject | role | FP Dice | W4A6 Dice | lost | input p1/p50/p99 "
-        "| saturated (mean; worst layer) | flushed to 0 (mean) | BN shift, FP (mean; worst) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| saturated (mean; worst layer) | flushed to 0 (mean) | W4A6 activation steps "
+        "| BN shift, FP (mean; worst) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sat, zero, bn = r["saturated"], r["flushed"], r["bn_shift_fp"]
@@ -165,7 +178,7 @@ def markdown(rows: list[dict[str, Any]], caption: str) -> str:
             f"| {r['fold']} | {r['subject']} | {r['role']} | {r['fp']:.2f} | {r['w4a6']:.2f} "
             f"| {r['lost']:+.2f} | {p} | {100 * sat.get('mean', 0):.3f}%; "
             f"{sat.get('worst', '-')} {100 * sat.get('worst_value', 0):.2f}% "
-            f"| {100 * zero.get('mean', 0):.1f}% | {bn.get('mean', 0):.2f}; "
+            f"| {100 * zero.get('mean', 0):.1f}% | {r['act_steps']} | {bn.get('mean', 0):.2f}; "
             f"{bn.get('worst', '-')} {bn.get('worst_value', 0):.2f} |"
         )
     return "\n".join(lines) + f"\n\n{caption}"
