@@ -140,12 +140,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except Exception as error:
         raise ValueError(
             f"{path} is not a readable model file ({error}); it may be truncated or of "
-            f"another format: train one with 'unetquant train'"
+            f"another format: train one with napari-unetquant (the Train dock or the train command)"
         ) from error
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"{path} is a safetensors file but not a napari-unetquant model (format "
-            f"{metadata.get('format')!r}); train one with 'unetquant train'"
+            f"{metadata.get('format')!r}); train one with napari-unetquant (the Train dock or "
+            f"the train command)"
         )
     version = metadata.get("version")
     if version not in VERSIONS:
@@ -158,12 +159,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError) as error:  # no config, or not JSON
         raise ValueError(
             f"{path}: the model's metadata is damaged (no readable configuration: {error!r}); "
-            f"use the file that training or 'unetquant export' wrote"
+            f"use the file that training or export wrote"
         ) from error
     if not isinstance(config, dict) or not isinstance(config.get("info", {}), dict):
         raise ValueError(
             f"{path}: the model's metadata is damaged (its configuration is not a JSON object "
-            f"of settings); use the file that training or 'unetquant export' wrote"
+            f"of settings); use the file that training or export wrote"
         )
     config["layout"] = VERSIONS[version]
     return config
