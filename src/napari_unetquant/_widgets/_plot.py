@@ -12,6 +12,8 @@ from qtpy.QtWidgets import QFileDialog, QPushButton, QSizePolicy, QVBoxLayout, Q
 from ._common import notify_error
 
 FORMATS = (".png", ".svg", ".pdf")
+MIN_HEIGHT = 130
+"""The canvas's least height: with its Save button, no taller than the plot it replaced."""
 
 
 class PlotWidget(QWidget):
@@ -29,7 +31,7 @@ class PlotWidget(QWidget):
         self.figure = Figure(figsize=(4.0, 2.8), layout="constrained")
         self.axes = self.figure.add_subplot()
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(200)
+        self.canvas.setMinimumHeight(MIN_HEIGHT)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.export = QPushButton("Save plot...")
         self.export.clicked.connect(self._ask_and_save)
@@ -104,5 +106,9 @@ class PlotWidget(QWidget):
             axes.set_xscale("log", base=2)
         if self.series:
             axes.legend(fontsize=8, loc="best")
+        else:  # no made-up axis range before the first point
+            axes.set_xticks([])
+            axes.set_yticks([])
+            axes.text(0.5, 0.5, "no points yet", ha="center", va="center", transform=axes.transAxes)
         axes.margins(x=0.15, y=0.2)  # room for the point labels at the edges
         self.canvas.draw_idle()
