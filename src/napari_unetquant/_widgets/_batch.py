@@ -9,7 +9,6 @@ import napari
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSlider,
     Label,
@@ -21,24 +20,46 @@ from napari.qt.threading import GeneratorWorker
 
 from ..batch import SegmentedFile, plan_batch, segment_batch, write_scores_csv
 from ..config import InferConfig
-from ._common import DEVICES, Persistent, notify_error, start_worker
+from ._common import (
+    DEVICES,
+    INTENSITY_TIP,
+    Dock,
+    Persistent,
+    model_file_preprocess,
+    notify_error,
+    show_rows,
+    shown_intensity,
+    start_worker,
+)
 from ._io import read_layers
 
 CSV_NAME = "segment.csv"
 
 
-class BatchWidget(Container):
+class BatchWidget(Dock):
     """Segment many files with a model file, streamed a few slices at a time (volumes larger
     than memory work); masks and ``segment.csv`` go to the output folder, Dice per volume
-    appears in the table when label files are given (same order as the images)."""
+    appears in the table when label files are given (same order as the images).
+
+    The model decides the intensity mapping (its CT window or the z-score), shown read-only:
+    a model only works on the values it was trained on. Unlike Segment, the files are not
+    checked for Hounsfield units (the worker reads them, one after another)."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self.images = FileEdit(mode="rm", label="images")
         self.labels_files = FileEdit(mode="rm", label="labels (optional)")
         self.labels_files.tooltip = "one label file per image, in the same order"
         self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
+        self.intensity = Label(value="", label="intensity")
+        self.intensity.native.setWordWrap(True)
+        self.intensity.tooltip = INTENSITY_TIP
+        self.model_file.changed.connect(
+            lambda path: setattr(
+                self.intensity, "value", shown_intensity(model_file_preprocess(path))
+            )
+        )
         self.out_dir = FileEdit(mode="d", label="output folder")
         self.foreground_value = LineEdit(value="", label="foreground value")
         self.foreground_value.tooltip = "label value scored; empty: every non-zero label"
@@ -52,11 +73,13 @@ class BatchWidget(Container):
         self.stop = PushButton(text="Stop", enabled=False)
         self.status = Label(value="", label="status")
         self.table = Table(value=[[]])
+        show_rows(self.table)
         self.extend(
             [
                 self.images,
                 self.labels_files,
                 self.model_file,
+                self.intensity,
                 self.out_dir,
                 self.foreground_value,
                 self.threshold,

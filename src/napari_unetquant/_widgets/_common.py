@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable, Generator
@@ -9,17 +10,28 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, Label, LineEdit, PushButton, SpinBox, create_widget
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+    Table,
+    create_widget,
+)
 from magicgui.widgets.bases import ValueWidget
 from napari.layers import Image, Labels
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QSettings
+from qtpy.QtCore import QEvent, QObject, QSettings, Qt, QTimer
+from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QWidget
 
-from ..config import UNetConfig
+from ..config import PreprocessConfig, UNetConfig
 from ..data.io import SliceSource, Volume, array_source
 from ..data.preprocess import foreground_mask, label_values
 from ..errors import settings_hint
+from ..modelio import _preprocess_from_dict, read_metadata
 from ..recipes import QuantChoice
 from ._io import VOLUME_KEY
 
@@ -129,15 +141,118 @@ def quant_choice(method: str, weight_bits: int, act_bits: int, paper: bool) -> Q
     return QuantChoice(method)
 
 
+CT_PRESETS = {
+    "soft tissue": (40.0, 400.0),
+    "abdomen": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+"""Common CT windows, ``(level, width)`` in Hounsfield units."""
+ZSCORE, CUSTOM = "z-score", "custom"
+INTENSITIES = [
+    ("z-score per slice (MRI, EM)", ZSCORE),
+    *((f"CT window: {name} {lw[0]:g}/{lw[1]:g}", name) for name, lw in CT_PRESETS.items()),
+    ("CT window: custom level/width", CUSTOM),
+]
+AIR_HU = -500.0
+"""CT in Hounsfield units holds air (about -1000 HU) around the body, or the scanner's padding
+(-1024 or lower) outside its field of view: an image with nothing below this is most likely
+not in HU (an MRI or EM image, or CT stored without its rescale)."""
+
+
+class IntensityChoice:
+    """The Train dock's intensity mapping: the per-slice z-score, or a CT window from a preset
+    (its level and width shown, greyed) or typed in (custom). The network learns the values
+    this mapping gives, so a model keeps it: Segment and Batch show it, never change it."""
+
+    def __init__(self) -> None:
+        self.intensity = ComboBox(choices=INTENSITIES, value=ZSCORE, label="intensity")
+        self.intensity.tooltip = "z-score: each slice to mean 0, SD 1; CT window: HU clipped to it"
+        self.level = SpinBox(value=40, min=-2000, max=4000, step=10, label="CT level (HU)")
+        self.width = SpinBox(value=400, min=1, max=8000, step=10, label="CT width (HU)")
+        self.intensity.changed.connect(self.refresh)
+
+    @property
+    def widgets(self) -> list[ValueWidget[Any]]:
+        return [self.intensity, self.level, self.width]
+
+    def refresh(self, *_: Any) -> None:
+        """A preset's level and width in the (greyed) boxes; the boxes only for CT windows."""
+        preset = CT_PRESETS.get(self.intensity.value)
+        if preset is not None:
+            self.level.value, self.width.value = int(preset[0]), int(preset[1])
+        self.level.enabled = self.width.enabled = self.intensity.value == CUSTOM
+        self.level.visible = self.width.visible = self.intensity.value != ZSCORE
+
+    def window(self) -> tuple[float, float] | None:
+        """``(level, width)`` in HU, or ``None`` for the per-slice z-score."""
+        if self.intensity.value == ZSCORE:
+            return None
+        return float(self.level.value), float(self.width.value)
+
+
+def intensity_text(preprocess: PreprocessConfig) -> str:
+    """A model's intensity mapping as the Segment and Batch docks show it."""
+    window = preprocess.ct_window
+    if window is None:
+        local = getattr(preprocess, "intensity", "slice") == "local"
+        return "local z-score" if local else "z-score per slice"
+    names = [name for name, preset in CT_PRESETS.items() if preset == tuple(window)]
+    return f"CT window {window[0]:g}/{window[1]:g} HU" + (f" ({names[0]})" if names else "")
+
+
+def model_file_preprocess(path: object) -> PreprocessConfig | None:
+    """The preprocessing a model file was trained with, from its metadata alone (no weights
+    are read, so choosing a file stays quick); ``None`` when no readable model is chosen (the
+    run says why)."""
+    if str(path) in ("", "."):
+        return None
+    try:
+        return _preprocess_from_dict(read_metadata(str(path)).get("preprocess") or {})
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def shown_intensity(preprocess: PreprocessConfig | None) -> str:
+    """What the Segment and Batch docks' *intensity* row says for a model's preprocessing."""
+    return "" if preprocess is None else f"{intensity_text(preprocess)}, as trained"
+
+
+INTENSITY_TIP = (
+    "a model runs with the intensity mapping it was trained with; for another CT window, "
+    "train a model with it (Train dock: intensity)"
+)
+
+
+def middle_slice(layer: Image) -> np.ndarray:
+    """One slice of an image layer (its coarsest level), to check quickly what it holds."""
+    data = layer.data[-1] if layer.multiscale else layer.data
+    return np.asarray(data[data.shape[0] // 2] if data.ndim == 3 else data)
+
+
+def not_hu_warning(values: np.ndarray, name: str) -> str | None:
+    """Why ``values`` (an image, or a slice of it) do not look like CT in Hounsfield units,
+    or ``None`` when they may be (a warning, not a refusal: a crop inside the body has no
+    air either)."""
+    if values.size == 0 or float(np.min(values)) < AIR_HU:
+        return None
+    return (
+        f"{name} has no value below {AIR_HU:g}, so it does not look like a CT image in "
+        f"Hounsfield units (air is -1000 HU)"
+    )
+
+
 CONTROLS = {
     "act_bits": "activation bits",
     "act_format": "paper formats",
     "batch_size": "",
-    "ct_window": "",
+    "ct_window": "intensity",
     "device": "device",
     "elastic": "",
     "foreground_value": "foreground value",
     "init": "fine-tune from this session's FP model",
+    "intensity": "",
     "integer": "integer",
     "labels_dir": "labels",
     "network": "network",
@@ -251,12 +366,130 @@ class Persistent:
             widget.changed.connect(lambda value, key=key: self._settings.setValue(key, value))
 
 
-class TrainingInputs(Container):
+STACKED = 2
+"""Of this plugin's docks in one side of the window, this many stack one above the other;
+the next ones open as tabs of the last (five stacked docks would be two rows high each)."""
+
+
+_DOCKS_MADE = itertools.count()
+
+
+class _FitWidth(QObject):
+    """Keeps a scroll area as wide as its controls need beside the vertical scroll bar (it
+    never scrolls sideways): magicgui sets that width as controls are added, before napari's
+    style makes them wider, so the right edge would hide under the scroll bar."""
+
+    def __init__(self, scroll: QScrollArea) -> None:
+        super().__init__(scroll)
+        self._scroll = scroll
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+            scroll = self._scroll
+            needed = (
+                scroll.widget().minimumSizeHint().width()
+                + scroll.verticalScrollBar().sizeHint().width()
+                + 2 * scroll.frameWidth()
+            )
+            if scroll.minimumWidth() != needed:
+                scroll.setMinimumWidth(needed)
+        return False
+
+
+class Dock(Container):
+    """A dock's controls in a scroll area of their own, so that several docks open at once
+    share the window's height (each scrolling) instead of growing the window past the screen;
+    past :data:`STACKED` docks, a new one opens as a tab of the last.
+
+    magicgui's ``scrollable`` container keeps the scroll area apart from ``.native``, the
+    widget napari docks; here ``.native`` is the scroll area itself, so napari docks it
+    (``native.parent()`` is then the dock, as napari documents). The controls stack from the
+    top; :meth:`add_native` appends a Qt widget (a plot) below them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(labels=True, scrollable=True)
+        scroll = self.root_native_widget
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self._form = scroll.widget()
+        self._form.layout().addStretch()  # controls keep their height when the dock is tall
+        self._fit_width = _FitWidth(scroll)
+        self._form.installEventFilter(self._fit_width)
+        self._made = next(_DOCKS_MADE)  # the order docks opened in (Qt's order of children
+        # changes as docks become tabs)
+        # napari docks the widget once it is made; arrange it on the next turn of the event
+        # loop (a timer owned by the scroll area never fires after the dock is gone)
+        arrange = QTimer(scroll)
+        arrange.setSingleShot(True)
+        arrange.timeout.connect(self._arrange)
+        arrange.start(0)
+
+    def _arrange(self) -> None:
+        """Open as a tab of this plugin's last dock on the same side when :data:`STACKED` of
+        them are stacked there already (docks opened before this one: several opened at once
+        arrange in their order), and share the height evenly between the stacks."""
+        dock = self.native.parentWidget()
+        window = dock.parentWidget() if isinstance(dock, QDockWidget) else None
+        if not isinstance(window, QMainWindow) or dock.isFloating():
+            return
+        area = window.dockWidgetArea(dock)
+        earlier = {
+            widget._made: other
+            for other in window.findChildren(QDockWidget)
+            if isinstance(widget := getattr(other.widget(), "_magic_widget", None), Dock)
+            and widget._made < self._made
+            and window.dockWidgetArea(other) == area
+            and other.isVisibleTo(window)
+            and not other.isFloating()
+        }
+        ours = [earlier[made] for made in sorted(earlier)]
+        stacks: list[QDockWidget] = []  # one dock of each stack (a group of tabs or a dock)
+        for other in ours:
+            if not any(tab in stacks for tab in window.tabifiedDockWidgets(other)):
+                stacks.append(other)
+        if len(stacks) >= STACKED:
+            window.tabifyDockWidget(ours[-1], dock)
+            dock.show()
+            dock.raise_()
+        else:
+            stacks.append(dock)
+        if len(stacks) > 1:
+            window.resizeDocks(stacks, [1] * len(stacks), Qt.Orientation.Vertical)
+
+    @property
+    def native(self) -> QScrollArea:  # type: ignore[override]
+        """The scroll area: what napari docks."""
+        scroll: QScrollArea = self.root_native_widget
+        return scroll
+
+    def add_native(self, widget: QWidget) -> None:
+        """A Qt widget below the controls (above the stretch that keeps them at the top)."""
+        layout = self._form.layout()
+        layout.insertWidget(layout.count() - 1, widget)
+
+
+TABLE_ROWS = 8
+
+
+def show_rows(table: Table, rows: int = TABLE_ROWS) -> None:
+    """Make ``table`` at least ``rows`` rows tall (with its header and a horizontal scroll
+    bar): the dock scrolls instead, so a result table is never a two-row slit."""
+    native = table.native
+    height = (
+        native.horizontalHeader().sizeHint().height()
+        + rows * native.verticalHeader().defaultSectionSize()
+        + native.horizontalScrollBar().sizeHint().height()
+        + 2 * native.frameWidth()
+    )
+    native.setMinimumHeight(height)
+
+
+class TrainingInputs(Dock):
     """The inputs every training widget starts with: image, ground truth, the label value of
     the object, and the network width."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")

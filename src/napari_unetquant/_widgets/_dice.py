@@ -5,18 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import napari
-from magicgui.widgets import Container, Label, LineEdit, PushButton, Select, Table, create_widget
+from magicgui.widgets import Label, LineEdit, PushButton, Select, Table, create_widget
 
 from ..metrics import SegmentationScores, segmentation_scores
-from ._common import PREDICTION_KEY, foreground, layer_volume, notify_error, values_label
+from ._common import (
+    PREDICTION_KEY,
+    Dock,
+    foreground,
+    layer_volume,
+    notify_error,
+    show_rows,
+    values_label,
+)
 
 
-class DiceWidget(Container):
+class DiceWidget(Dock):
     """Mean Dice, pooled Dice and IoU for one or more predictions (e.g. FP and W4A6) side by
     side, and a per-slice table: clicking a row moves the viewer to that slice."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
@@ -26,6 +34,7 @@ class DiceWidget(Container):
         self.compute = PushButton(text="Compute Dice")
         self.summary = Label(value="", label="summary")
         self.table = Table(value=[[]])
+        show_rows(self.table)
         self.extend(
             [
                 self.truth,

@@ -12,7 +12,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSlider,
     Label,
@@ -20,6 +19,7 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.notifications import show_warning
 
 from ..config import InferConfig
 from ..devices import resolve_device
@@ -27,32 +27,53 @@ from ..jobs import segment_array
 from ..modelio import SegmentationModel, check_grey_input, load_model
 from ..quant import bit_report
 from . import _session
-from ._common import DEVICES, PREDICTION_KEY, Persistent, layer_source, notify_error, start_worker
+from ._common import (
+    DEVICES,
+    INTENSITY_TIP,
+    PREDICTION_KEY,
+    Dock,
+    Persistent,
+    layer_source,
+    middle_slice,
+    model_file_preprocess,
+    not_hu_warning,
+    notify_error,
+    shown_intensity,
+    start_worker,
+)
 
 FROM_FILE = "model file..."
 PREDICTION_COLOUR = "magenta"
 """Predictions (1 = the object) in one colour unlike any ground truth's random label colours."""
 
 
-class SegmentWidget(Container):
+class SegmentWidget(Dock):
     """Run a (quantized) model on an image layer; adds an aligned Labels layer and shows the
-    model's bits, its size and the time taken."""
+    model's bits, its size and the time taken.
+
+    The model decides the intensity mapping (its CT window or the z-score), shown read-only: a
+    model only works on the values it was trained on. A CT-window model on an image whose
+    middle slice has no air (nothing below -500) runs with a warning: not HU, most likely."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.model = ComboBox(choices=self._model_choices, label="model")
         self.model_file = FileEdit(mode="r", filter="*.safetensors", label="model file")
+        self.intensity = Label(value="", label="intensity")
+        self.intensity.native.setWordWrap(True)
+        self.intensity.tooltip = INTENSITY_TIP
         self.threshold = FloatSlider(
             value=InferConfig.threshold, min=0.05, max=0.95, step=0.05, label="threshold"
         )
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.integer = CheckBox(
             value=False,
-            text="integer arithmetic (int8 codes, int32 accumulators; CPU)",
+            text="integer arithmetic (CPU)",
             label="integer",
         )
+        self.integer.tooltip = "int8 codes and int32 accumulators, as integer hardware computes"
         self.run_button = PushButton(text="Segment")
         self.info = Label(value="", label="model")
         self.status = Label(value="", label="result")
@@ -61,6 +82,7 @@ class SegmentWidget(Container):
                 self.image,
                 self.model,
                 self.model_file,
+                self.intensity,
                 self.threshold,
                 self.device,
                 self.integer,
@@ -74,6 +96,9 @@ class SegmentWidget(Container):
             {"threshold": self.threshold, "device": self.device, "integer": self.integer},
         )
         self.run_button.clicked.connect(self.run)
+        self.model.changed.connect(self._show_intensity)
+        self.model_file.changed.connect(self._show_intensity)
+        self._show_intensity()
         self._refresh = self.model.reset_choices
         _session.on_change(self._refresh)
         self.native.destroyed.connect(lambda *_: _session.forget(self._refresh))
@@ -81,6 +106,15 @@ class SegmentWidget(Container):
 
     def _model_choices(self, *_: Any) -> list[str]:
         return [*reversed(list(_session.models())), FROM_FILE]
+
+    def _show_intensity(self, *_: Any) -> None:
+        """The chosen model's intensity mapping (its CT window or z-score), which it runs with."""
+        if self.model.value == FROM_FILE:
+            preprocess = model_file_preprocess(self.model_file.value)
+        else:
+            bundle = _session.models().get(self.model.value)
+            preprocess = None if bundle is None else bundle.preprocess
+        self.intensity.value = shown_intensity(preprocess)
 
     def _bundle(self) -> tuple[SegmentationModel, str]:
         if self.model.value == FROM_FILE:
@@ -112,6 +146,8 @@ class SegmentWidget(Container):
             notify_error(error)
             return
         self.info.value = description
+        self.intensity.value = shown_intensity(bundle.preprocess)
+        self._check_hu(layer, bundle)
 
         def work() -> Generator[int, None, tuple[np.ndarray, float]]:
             start = time.perf_counter()
@@ -124,6 +160,20 @@ class SegmentWidget(Container):
             (self.run_button, None),
             on_return=lambda result: self._add_layer(layer, bundle, *result),
         )
+
+    @staticmethod
+    def _check_hu(layer: napari.layers.Image, bundle: SegmentationModel) -> None:
+        """Warn (not refuse) when a model trained with a CT window meets an image whose middle
+        slice has no air, so is most likely not CT in HU: its masks would be nonsense."""
+        if bundle.preprocess.ct_window is None:
+            return
+        why = not_hu_warning(middle_slice(layer), f"image {layer.name!r}")
+        if why is not None:
+            show_warning(
+                f"{why}; the model was trained on CT in HU with a CT window, so its masks "
+                f"of this image may be wrong: choose a CT image, or a model trained with "
+                f"z-score"
+            )
 
     def _add_layer(
         self,
@@ -143,6 +193,7 @@ class SegmentWidget(Container):
             name=f"{layer.name} {bundle.quant.label}{suffix}",
             scale=layer.scale,
             translate=layer.translate,
+            affine=layer.affine,  # the image's display orientation (radiological for NIfTI)
             metadata={**layer.metadata, PREDICTION_KEY: made_by},
             colormap=DirectLabelColormap(
                 color_dict={None: PREDICTION_COLOUR, 0: "transparent", 1: PREDICTION_COLOUR}

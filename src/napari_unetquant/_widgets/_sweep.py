@@ -24,7 +24,7 @@ from ..jobs import SweepJob, SweepResult, sweep, write_sweep_csv
 from ..modelio import SegmentationModel
 from ..recipes import DOCK_FINE_TUNE_STEPS, DOCK_STEPS
 from . import _session
-from ._common import Persistent, TrainingInputs, notify_error, start_worker
+from ._common import Persistent, TrainingInputs, notify_error, show_rows, start_worker
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
@@ -73,8 +73,9 @@ class SweepWidget(TrainingInputs):
             "Dice vs size", "stored weights (KiB, log scale)", "validation Dice", False, pareto=True
         )
         self.by_bits.log_x = self.by_size.log_x = True
-        self.native.layout().addWidget(self.by_bits)
-        self.native.layout().addWidget(self.by_size)
+        self.add_native(self.by_bits)
+        self.add_native(self.by_size)
+        show_rows(self.table)
         self.persist = Persistent(
             "sweep",
             {
