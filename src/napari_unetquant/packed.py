@@ -13,6 +13,11 @@ Every BatchNorm ``B`` is stored folded as ``B.alpha`` and ``B.beta`` (``y = x * 
 and full-precision layers (by default the first block and the last convolution) keep float32
 weights. Loading rebuilds a network whose forward pass is bit-identical to the
 quantization-aware model the file came from: the same codes, the same outputs, the same masks.
+
+A packed network is for inference; :func:`unpacked_network` turns it back into a trainable one
+(float weights exactly the dequantized codes, BatchNorm given statistics under which it computes
+exactly the folded scale and shift), and :func:`calibrate_batch_norm` re-splits that BatchNorm
+around statistics measured on data, so that fine-tuning starts from the network the file holds.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .quant.codes import FrozenWeight, WeightCodes, code_offset, dequantize, wei
 from .quant.functional import MAX_FRAC_BITS, fixed_point_code_range
 from .quant.layers import QuantConvNd
 from .quant.packing import pack_codes, unpack_codes
-from .quant.quantizers import FixedPointQuantizer, RunningStat
+from .quant.quantizers import FixedPointQuantizer, LSQQuantizer, RunningStat
 
 LAYOUT_STATE_DICT = "state_dict"
 LAYOUT_PACKED = "packed"
@@ -45,6 +50,12 @@ def _running_peak(layer: QuantConvNd) -> RunningStat | None:
 
 def _packable(module: nn.Module) -> bool:
     return isinstance(module, QuantConvNd) and not module.weight_quantizer.config.is_float
+
+
+def has_quantized_weights(model: nn.Module) -> bool:
+    """True when some convolution of ``model`` stores integer weight codes: what the packed
+    layout stores in a few bits (a network with float weights only gains nothing from it)."""
+    return any(_packable(module) for module in model.modules())
 
 
 @torch.no_grad()
@@ -145,6 +156,108 @@ def packed_network(
     model.eval()
     _fast_inference(model)
     return model
+
+
+@torch.no_grad()
+def unpacked_network(packed: nn.Module, unet: UNetConfig, quant: QuantConfig) -> nn.Module:
+    """The trainable network of a packed one (:func:`packed_network`), in evaluation mode.
+
+    Its float weights are exactly the dequantized codes, and the weight quantizers keep the
+    packed step (learned steps) or shift (fixed point), so quantizing them again gives the same
+    values. Every BatchNorm gets the folded scale and shift as its affine, with mean 0 and a
+    variance whose sum with ``eps`` is exactly 1: its inference pass then computes exactly the
+    folded arithmetic, and evaluation outputs are bit-identical to the packed network's. (The
+    statistics the packed file dropped are unknown: :func:`calibrate_batch_norm` measures them
+    before training in batch-statistics mode.) Raises ``ValueError`` for a network that is not
+    a packed one of ``unet`` and ``quant``.
+    """
+    model = build_unet(unet, quant)
+    state = dict(packed.state_dict())
+    tensors: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BATCH_NORMS):
+            try:
+                alpha, beta = state.pop(f"{name}.alpha"), state.pop(f"{name}.beta")
+            except KeyError:
+                raise ValueError(
+                    f"{name}: not a folded BatchNorm; unpack only a network loaded from a packed "
+                    f"model file"
+                ) from None
+            tensors[f"{name}.weight"], tensors[f"{name}.bias"] = alpha.clone(), beta.clone()
+            tensors[f"{name}.running_mean"] = torch.zeros_like(alpha)
+            tensors[f"{name}.running_var"] = _unit_variance(alpha, module.eps)
+            tensors[f"{name}.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+        if _packable(module):
+            assert isinstance(module, QuantConvNd)
+            frozen = packed.get_submodule(name).weight_quantizer
+            if not isinstance(frozen, FrozenWeight):
+                raise ValueError(
+                    f"{name}: its weights are not packed codes; unpack only a network loaded "
+                    f"from a packed model file"
+                )
+            quantizer, codes = module.weight_quantizer, frozen.codes
+            if isinstance(quantizer, LSQQuantizer):
+                tensors[f"{name}.weight_quantizer.step"] = codes.scale.clone()
+                tensors[f"{name}.weight_quantizer.initialized"] = torch.tensor(True)
+            elif isinstance(quantizer, FixedPointQuantizer) and codes.frac_bits is not None:
+                frac = torch.tensor(codes.frac_bits, dtype=torch.int32)
+                tensors[f"{name}.weight_quantizer.frac_bits"] = frac
+    tensors.update(state)  # weights (dequantized), biases, input quantizers as packed
+    load_exactly(model, tensors)
+    return model.eval()
+
+
+def _unit_variance(like: Tensor, eps: float) -> Tensor:
+    """A float32 variance ``v`` with ``v + eps == 1`` exactly, so that ``rsqrt(v + eps)`` is 1
+    and the BatchNorm's folded scale is its affine weight, bit for bit."""
+    variance = torch.full_like(like, 1.0) - eps
+    for _ in range(8):  # the rounding of 1 - eps may be off by an ulp or two
+        total = variance + eps
+        if bool((total == 1.0).all()):
+            return variance
+        variance = torch.nextafter(variance, torch.where(total > 1.0, 0.0, 2.0))
+    raise ValueError(f"no float32 variance makes BatchNorm exact with eps={eps}")
+
+
+@torch.no_grad()
+def calibrate_batch_norm(model: nn.Module, images: Tensor) -> None:
+    """Re-split every BatchNorm of ``model`` around statistics measured on ``images``
+    ``(N, C, *spatial)``, keeping its inference scale and shift (up to float rounding).
+
+    A BatchNorm computes ``x * alpha + beta`` in evaluation but normalises by the batch's own
+    statistics in training. An unpacked one (:func:`unpacked_network`) knows only ``alpha`` and
+    ``beta``; here each one gets running statistics ``(mean, var)`` measured on its input, weight
+    ``alpha * sqrt(var + eps)`` and bias ``beta + mean * alpha``, so that a training step on
+    data like ``images`` starts from the network the packed file holds. One forward pass in
+    evaluation mode, in order (each BatchNorm sees the inputs the ones before it produce);
+    quantizers that were never run take their first statistics from it, as in a first step.
+    """
+
+    def resplit(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        assert isinstance(module, BATCH_NORMS)
+        x = inputs[0].detach()
+        dims = [0, *range(2, x.dim())]
+        mean, variance = x.mean(dims), x.var(dims, unbiased=False)
+        alpha, beta = fold_batch_norm(module)
+        assert module.running_mean is not None and module.running_var is not None
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(variance)
+        module.weight.copy_(alpha * torch.sqrt(variance + module.eps))
+        module.bias.copy_(beta + mean * alpha)
+
+    was_training = model.training
+    hooks = [
+        module.register_forward_pre_hook(resplit)
+        for module in model.modules()
+        if isinstance(module, BATCH_NORMS)
+    ]
+    try:
+        model.eval()
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
 
 
 def _fast_inference(model: nn.Module) -> None:

@@ -21,13 +21,15 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.qt.threading import GeneratorWorker
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 
 from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..devices import resolve_device
 from ..events import Event, StepEvent
 from ..jobs import TrainingRun, check_training_data, start_training
+from ..jobs.training import check_fine_tune_window
 from ..modelio import SegmentationModel, save_model
+from ..packed import has_quantized_weights
 from ..recipes import ACT_BITS, DOCK_STEPS, WEIGHT_BITS, meaning, train_config
 from . import _session
 from ._common import (
@@ -35,8 +37,10 @@ from ._common import (
     DEVICES,
     QUANTIZERS,
     SETTINGS_DIR,
+    IntensityChoice,
     Persistent,
     TrainingInputs,
+    not_hu_warning,
     notify_error,
     quant_choice,
     start_worker,
@@ -53,6 +57,10 @@ class TrainWidget(TrainingInputs):
     ``(16, 128, 128)`` patches of the whole stack (fine-tuning then starts from a 3D
     full-precision model).
 
+    ``intensity`` maps the image's values for the network: the per-slice z-score (MRI, EM) or
+    a CT window (a preset, or a level and width in HU). The model keeps it (Segment and Batch
+    run it so); a fine-tune must choose the one its FP model was trained with.
+
     Training runs in a napari worker thread; Stop ends it after the current step and keeps the
     best model, which joins this session's models (for the Segment widget) and can be saved.
     """
@@ -60,6 +68,7 @@ class TrainWidget(TrainingInputs):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
         self.network = ComboBox(choices=NETWORKS, value=2, label="network")
+        self.ct = IntensityChoice()
         self.quantizer = ComboBox(choices=QUANTIZERS, value="fixed", label="quantizer")
         self.weight_bits = SpinBox(value=WEIGHT_BITS, min=1, max=8, label="weight bits")
         self.act_bits = SpinBox(value=ACT_BITS, min=1, max=8, label="activation bits")
@@ -75,12 +84,13 @@ class TrainWidget(TrainingInputs):
         self.status = Label(value="", label="status")
         self.save_path = FileEdit(mode="w", filter="*.safetensors", label="save model to")
         self.packed = CheckBox(
-            value=False, text="packed: codes at their bit width (for deployment, not fine-tuning)"
+            value=True, text="packed: codes at their bit width (small; quantized weights only)"
         )
         self.save = PushButton(text="Save model", enabled=False)
         self.extend(
             [
                 self.network,
+                *self.ct.widgets,
                 self.quantizer,
                 self.weight_bits,
                 self.act_bits,
@@ -99,7 +109,7 @@ class TrainWidget(TrainingInputs):
             ]
         )
         self.plot = PlotWidget("training", "step", "loss / validation Dice")
-        self.native.layout().addWidget(self.plot)
+        self.add_native(self.plot)
         self.persist = Persistent(
             "train",
             {
@@ -110,6 +120,9 @@ class TrainWidget(TrainingInputs):
                 "act_bits": self.act_bits,
                 "steps": self.steps,
                 "device": self.device,
+                "intensity": self.ct.intensity,
+                "ct_level": self.ct.level,
+                "ct_width": self.ct.width,
             },
         )
         for widget in (self.quantizer, self.weight_bits, self.act_bits, self.paper):
@@ -121,6 +134,7 @@ class TrainWidget(TrainingInputs):
         self.training: TrainingRun | None = None
         self.last_model: SegmentationModel | None = None
         self._show_format()
+        self.ct.refresh()
 
     def _show_format(self, *_: Any) -> None:
         fixed_or_lsq = self.quantizer.value in BIT_METHODS and not self.paper.value
@@ -169,7 +183,15 @@ class TrainWidget(TrainingInputs):
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
         unet = UNetConfig(base_width=self.network_width.value, spatial_dims=self.network.value)
         check_training_data(image, labels, init)
-        return lambda: start_training(image, labels, quant, config, unet, init)
+        ct_window = self.ct.window()
+        check_fine_tune_window(init, ct_window)  # the z-score too: a fine-tune keeps its own
+        name = f"image {self.image.value.name!r}" if self.image.value is not None else "the image"
+        if ct_window is not None and (why := not_hu_warning(image.array, name)):
+            show_warning(
+                f"{why}; a CT window suits CT images: for others, choose intensity "
+                f"'z-score per slice'"
+            )
+        return lambda: start_training(image, labels, quant, config, unet, init, ct_window)
 
     def run(self) -> None:
         """Start training in a worker thread (the Start button): the data are prepared there
@@ -235,20 +257,40 @@ class TrainWidget(TrainingInputs):
         scored += "" if dice >= 0 else "validation: no validation Dice yet"
         self.status.value = f"done: {name}, {scored}"
         self.save.enabled = True
+        self._offer_packed(self.last_model)
+
+    def _offer_packed(self, model: SegmentationModel) -> None:
+        """The *packed* box for the model Save writes: ticked by default for quantized weights
+        (kept as the user set it from one quantized model to the next), unavailable for
+        full-precision ones (packing would save nothing)."""
+        quantized = has_quantized_weights(model.model)
+        if quantized and not self.packed.enabled:
+            self.packed.value = True
+        elif not quantized:
+            self.packed.value = False
+        self.packed.enabled = quantized
 
     def save_model(self) -> None:
         """Write the last trained model to the chosen file (the Save button)."""
         if self.last_model is None:
             notify_error(ValueError("train a model first"))
             return
+        model = self.last_model
+        packed = self.packed.value and has_quantized_weights(model.model)
         try:
             path = self._save_path()
-            save_model(path, self.last_model, packed=self.packed.value)
+            save_model(path, model, packed=packed)
         except (OSError, ValueError) as error:
             notify_error(error)
             return
         size = Path(path).stat().st_size / 1024
-        show_info(f"saved {path} ({'packed, ' if self.packed.value else ''}{size:.0f} KiB)")
+        label = model.quant.label
+        what = (
+            f"packed {label} model: weight codes at their bit width"
+            if packed
+            else f"float {label} model: float32 weights and BatchNorm statistics"
+        )
+        show_info(f"saved {path} ({what}; {size:.1f} KiB)")
 
     def _save_path(self) -> str:
         """The chosen file, ending in ``.safetensors``; no file or a missing folder is refused."""

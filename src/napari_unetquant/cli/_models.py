@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 from .. import demo as demo_job
 from ..config import SPATIAL_DIMS, UNetConfig
 from ..demo import DemoConfig, format_rows
 from ..jobs import export_model
 from ..model import build_unet
-from ..modelio import load_model
-from ..packed import LAYOUT_PACKED, file_report
+from ..modelio import SegmentationModel, load_model, save_model
+from ..packed import LAYOUT_PACKED, file_report, has_quantized_weights
 from ..quant import bit_report
 from ..recipes import WEIGHT_BITS
 from ._options import add_quant_arguments, quant_config_from_args
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    info = commands.add_parser("info", help="bits, size and training summary of a model file")
+    info = commands.add_parser(
+        "info", help="layout (packed or float), bits, size and training summary of a model file"
+    )
     info.add_argument("--model", required=True)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=run_info)
@@ -83,7 +87,9 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
         "act_format": quant.act.format_name,
         "parameters": sum(p.numel() for p in bundle.model.parameters()),
         "layout": bundle.layout,
+        "packed": bundle.layout == LAYOUT_PACKED,
         "file_bytes": on_disk.file_bytes,
+        "packed_file_bytes": _packed_bytes(path, bundle),
         "fp32_file_bytes": on_disk.fp32_file_bytes,
         "file_ratio": on_disk.ratio,
         "stored_bytes": report.stored_bytes,
@@ -105,6 +111,44 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
     )
 
 
+def _packed_bytes(path: str, bundle: SegmentationModel) -> int | None:
+    """The size of the model's packed file: this file's when it is packed, else what
+    ``unetquant export`` would write (``None`` when no weight is quantized: nothing to pack)."""
+    if bundle.layout == LAYOUT_PACKED:
+        return Path(path).stat().st_size
+    if not has_quantized_weights(bundle.model):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        packed = Path(folder) / "packed.safetensors"
+        save_model(packed, bundle, packed=True)
+        return packed.stat().st_size
+
+
+def _file_line(summary: dict[str, object], path: str) -> str:
+    """What the file is and its size, against the FP32 file (and the packed file it makes)."""
+    size, fp32, packed = (
+        summary["file_bytes"],
+        summary["fp32_file_bytes"],
+        summary["packed_file_bytes"],
+    )
+    assert isinstance(size, int) and isinstance(fp32, int)
+    against = f"the FP32 state_dict file of this network: {fp32 / 1024:.1f} KiB"
+    if summary["packed"]:
+        return (
+            f"packed {summary['label']} (weight codes at their bit width, "
+            f"{summary['mean_weight_bits']:.2f} bits per weight on average; BatchNorm folded): "
+            f"{size / 1024:.1f} KiB ({size} bytes); {against} ({fp32 / size:.2f}x smaller)"
+        )
+    holds = "float32 weights, BatchNorm statistics"
+    if not isinstance(packed, int):  # full-precision weights: nothing to pack
+        return f"float {summary['label']} ({holds}): {size / 1024:.1f} KiB ({size} bytes)"
+    return (
+        f"float {summary['label']} ({holds}, quantizer state; for fine-tuning): "
+        f"{size / 1024:.1f} KiB ({size} bytes); packed: {packed / 1024:.1f} KiB "
+        f"(unetquant export --model {path} --out PACKED); {against}"
+    )
+
+
 def _network_text(unet: UNetConfig) -> str:
     """``2D U-Net, base width 16, depth 3``."""
     return f"{unet.spatial_dims}D U-Net, base width {unet.base_width}, depth {unet.depth}"
@@ -118,10 +162,7 @@ def run_info(args: argparse.Namespace) -> int:
     keys = ("label", "network", "weight_bits", "act_bits", "quantizer", "parameters", "layout")
     for key in keys:
         print(f"{key:<12}{summary[key]}")
-    print(
-        f"{'file':<12}{summary['file_bytes']} bytes; the FP32 state_dict file of this network: "
-        f"{summary['fp32_file_bytes']} bytes ({summary['file_ratio']:.2f}x smaller)"
-    )
+    print(f"{'file':<12}{_file_line(summary, args.model)}")
     training = summary["training"]
     assert isinstance(training, dict)
     print(
@@ -135,9 +176,9 @@ def run_info(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     written = export_model(args.model, args.out, integer=args.integer)
     print(
-        f"wrote {written.path} ({written.layout}): {written.file_bytes} bytes, "
-        f"{written.ratio:.2f}x smaller than the FP32 state_dict file "
-        f"({written.fp32_file_bytes} bytes)"
+        f"wrote {written.path} ({written.layout}): {written.file_bytes / 1024:.1f} KiB "
+        f"({written.file_bytes} bytes), {written.ratio:.2f}x smaller than the FP32 state_dict "
+        f"file ({written.fp32_file_bytes} bytes)"
     )
     return 0
 

@@ -2,7 +2,9 @@
 
 Both start the same way (:func:`start_network`: a fresh network, or a trained one re-quantized for a
 fine-tune) and run as a :class:`TrainingRun`, a generator of the trainer's progress events, so
-the caller shows progress and may stop it between steps.
+the caller shows progress and may stop it between steps. A fine-tune may start from a packed
+model too: it is unpacked (the float weights are exactly its quantized ones) and its BatchNorm,
+stored folded, is re-split on the training data before the first step.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from ..data.io import Volume
 from ..errors import SettingError
 from ..events import Event
 from ..model import build_unet
-from ..modelio import SegmentationModel, check_grey_input
-from ..packed import LAYOUT_STATE_DICT
+from ..modelio import SegmentationModel, check_grey_input, unpacked
+from ..packed import LAYOUT_PACKED, calibrate_batch_norm
 from ..train import (
     LabelledVolume,
+    SliceSet,
     Trainer,
+    VolumeSet,
     median_spacing,
     split_validation,
     training_set,
@@ -34,41 +38,52 @@ from ..train import (
 
 @dataclass(frozen=True)
 class Start:
-    """The network to train and what it keeps from the model it was fine-tuned from."""
+    """The network to train and what it keeps from the model it was fine-tuned from.
+
+    ``unfolded``: the network comes from a packed model, whose BatchNorm was stored folded;
+    :func:`begin` re-splits it on the training data (see
+    :func:`~napari_unetquant.packed.calibrate_batch_norm`)."""
 
     model: torch.nn.Module
     unet: UNetConfig
     preprocess: PreprocessConfig | None
     foreground_value: int | None
+    unfolded: bool = False
 
 
 def start_network(
     quant: QuantConfig, seed: int, unet: UNetConfig | None, init: SegmentationModel | None
 ) -> Start:
     """A fresh network of ``unet``, or ``init``'s trained weights re-quantized for ``quant``
-    (its network, preprocessing and object kept)."""
+    (its network, preprocessing and object kept; a packed ``init`` is unpacked first)."""
     torch.manual_seed(seed)  # the seed decides the initial weights too
     if init is None:
         unet = unet or UNetConfig()
         return Start(build_unet(unet, quant), unet, None, None)
     foreground = init.info.get("foreground_value")
-    return Start(requantized(init, quant), init.unet, init.preprocess, foreground)
+    unfolded = init.layout == LAYOUT_PACKED
+    return Start(requantized(init, quant), init.unet, init.preprocess, foreground, unfolded)
 
 
 def check_fine_tune_source(source: SegmentationModel, name: str) -> None:
-    """Refuse a model that cannot be fine-tuned: packed files, models of colour inputs."""
+    """Refuse a model that cannot be fine-tuned: models of colour inputs. (Packed models
+    can be: :func:`requantized` unpacks them.)"""
     check_grey_input(source, name)
-    if source.layout != LAYOUT_STATE_DICT:
-        raise SettingError(
-            f"{name} is a packed model file (for deployment: codes, folded BatchNorm); "
-            f"fine-tune from the model file that training wrote",
-            "init",
-        )
 
 
 def requantized(source: SegmentationModel, quant: QuantConfig) -> torch.nn.Module:
     """``source``'s network with its trained weights, quantized as ``quant`` says (the start
-    of a fine-tune); the old quantizer state is dropped, everything else must fit."""
+    of a fine-tune); the old quantizer state is dropped, everything else must fit. A packed
+    ``source`` is unpacked first (:func:`~napari_unetquant.modelio.unpacked`): its float
+    weights are exactly its quantized ones, its BatchNorm the folded scale and shift."""
+    try:
+        source = unpacked(source)
+    except ValueError as error:
+        raise SettingError(
+            f"{model_name(source)} cannot be fine-tuned ({error}); fine-tune from the model "
+            f"file that training or export wrote",
+            "init",
+        ) from error
     model = build_unet(source.unet, quant)
     weights = {
         key: value
@@ -134,7 +149,10 @@ def begin(
     train_pairs, val_pairs = pairs
     dims = start.unet.spatial_dims  # 3D U-Nets train on whole volumes
     validation = training_set(val_pairs, preprocess, dims) if val_pairs else None
-    trainer = Trainer(start.model, training_set(train_pairs, preprocess, dims), validation, config)
+    training = training_set(train_pairs, preprocess, dims)
+    if start.unfolded:  # BatchNorm from a packed file: statistics measured on these data
+        calibrate_batch_norm(start.model, calibration_batch(training, config))
+    trainer = Trainer(start.model, training, validation, config)
     info = {
         "label": quant.label,
         "foreground_value": start.foreground_value,
@@ -143,6 +161,46 @@ def begin(
         "napari_unetquant": __version__,
     }
     return TrainingRun(trainer, start.unet, quant, preprocess, info)
+
+
+def calibration_batch(data: SliceSet | VolumeSet, config: TrainConfig) -> torch.Tensor:
+    """Up to ``config.batch_size`` training items, evenly spread, cropped about their centres
+    to one training crop (or what the smallest item allows): ``(N, 1, *crop)`` float32, the
+    same every time (no randomness, so a resumed run starts alike)."""
+    count = min(config.batch_size, len(data))
+    chosen = [data.images[int(i)] for i in np.linspace(0, len(data) - 1, count).round()]
+    crop = (config.crop_depth, config.crop, config.crop)[-chosen[0].ndim :]
+    size = [min(c, *(item.shape[axis] for item in chosen)) for axis, c in enumerate(crop)]
+    crops = []
+    for item in chosen:
+        corner = [(extent - want) // 2 for extent, want in zip(item.shape, size, strict=True)]
+        box = tuple(slice(c, c + want) for c, want in zip(corner, size, strict=True))
+        crops.append(item[box])
+    return torch.from_numpy(np.stack(crops)[:, None].astype(np.float32))
+
+
+def window_text(ct_window: tuple[float, float] | None) -> str:
+    """How a model's intensity mapping reads in a message: ``CT window 40/400 HU``."""
+    if ct_window is None:
+        return "per-slice z-scores (no CT window)"
+    return f"CT window {ct_window[0]:g}/{ct_window[1]:g} HU"
+
+
+def check_fine_tune_window(
+    init: SegmentationModel | None, ct_window: tuple[float, float] | None
+) -> None:
+    """Refuse to fine-tune ``init`` with another intensity mapping than it was trained with
+    (``None``: the per-slice z-score): its weights expect those input values, so the fine-tune
+    would start from a network that sees nonsense."""
+    if init is None or init.preprocess.ct_window == ct_window:
+        return
+    raise SettingError(
+        f"{model_name(init)} was trained with {window_text(init.preprocess.ct_window)}, not "
+        f"{window_text(ct_window)}; fine-tune it with the same, or train from scratch instead "
+        f"of fine-tuning it",
+        "ct_window",
+        "init",
+    )
 
 
 def check_training_data(
@@ -173,15 +231,24 @@ def start_training(
     train: TrainConfig,
     unet: UNetConfig | None = None,
     init: SegmentationModel | None = None,
+    ct_window: tuple[float, float] | None = None,
 ) -> TrainingRun:
     """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
-    model's metadata names it (:func:`model_name`)."""
+    model's metadata names it (:func:`model_name`).
+
+    ``ct_window``: ``(level, width)`` in HU mapped to [-1, 1] instead of the per-slice z-score.
+    A fine-tune keeps ``init``'s preprocessing, as a fine-tune from a file does: ``None`` takes
+    it, and another window is refused (:func:`check_fine_tune_window`)."""
     check_training_data(image, labels, init)
+    if ct_window is not None:
+        check_fine_tune_window(init, ct_window)
     mask = labels.astype(np.uint8)
     start = start_network(quant, train.seed, unet, init)
     pairs = split_validation([LabelledVolume(image, mask)])
-    preprocess = start.preprocess or PreprocessConfig(spacing=median_spacing(pairs[0]))
+    preprocess = start.preprocess or PreprocessConfig(
+        spacing=median_spacing(pairs[0]), ct_window=ct_window
+    )
     run = begin(start, quant, train, pairs, preprocess)
     run.info.update(source=image.source, init=None if init is None else model_name(init))
     return run
