@@ -42,10 +42,19 @@ VALIDATION = {  # held-out person -> the single-session subject of another site 
 }
 
 
+_W4 = QuantizerConfig.from_bits("fixed", 4)
 UNSIGNED_ACTS = {  # candidates: activations are ReLU outputs, so no bit need hold a sign
     "W4A6u": QuantConfig(
-        weight=QuantizerConfig.from_bits("fixed", 4),
-        act=QuantizerConfig(method="fixed", bits=6, dynamic_rule="max", signed=False),
+        weight=_W4, act=QuantizerConfig(method="fixed", bits=6, dynamic_rule="max", signed=False)
+    ),
+    # the activation format chosen by squared error (clipping rare peaks), unsigned
+    "W4A6u-mse": QuantConfig(
+        weight=_W4, act=QuantizerConfig(method="fixed", bits=6, dynamic_rule="mse", signed=False)
+    ),
+    # a learnt power-of-two activation step (LSQ rounded to 2**k): still fixed point, a shift
+    "W4A6u-p2": QuantConfig(
+        weight=_W4,
+        act=QuantizerConfig(method="lsq", bits=6, power_of_two=True, signed=False),
     ),
 }
 
@@ -75,8 +84,10 @@ def fold(person: str) -> paper_table.Dataset:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    setup = paper_table.Setup(scanner_augment=args.scanner_augment)
-    qat = paper_table.Setup(scanner_augment=args.qat_scanner_augment or args.scanner_augment)
+    setup = paper_table.Setup(scanner_augment=args.scanner_augment, intensity=args.intensity)
+    qat = paper_table.Setup(
+        scanner_augment=args.qat_scanner_augment or args.scanner_augment, intensity=args.intensity
+    )
     settings = [(label, setting(label)) for label in args.settings]
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = []
@@ -161,6 +172,12 @@ def main() -> None:
         default=0.0,
         help="scanner augmentation in the quantized fine-tunes only (FP as by default)",
     )
+    parser.add_argument(
+        "--intensity",
+        choices=("slice", "local"),
+        default="slice",
+        help="intensity normalisation of the FP models (the fine-tunes keep it)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     labels = ["FP", *[s for s in args.settings if s != "FP"]]
@@ -171,6 +188,8 @@ def main() -> None:
         recipe = f"scanner augmentation {args.scanner_augment:g}"
     elif args.qat_scanner_augment:
         recipe = f"scanner augmentation {args.qat_scanner_augment:g} in the quantized fine-tunes"
+    if args.intensity != "slice":
+        recipe += f"; {args.intensity} intensity normalisation"
     caption = (
         f"Spinal GM, leave one person out: test on the unseen person (full slices, original "
         f"grid, mean per-slice Dice %), model selected on a single-session subject of another "
@@ -183,6 +202,7 @@ def main() -> None:
     text = markdown(table(results, labels), caption)
     name = "loso" + (f"-scanner{args.scanner_augment:g}" if args.scanner_augment else "")
     name += f"-qat-scanner{args.qat_scanner_augment:g}" if args.qat_scanner_augment else ""
+    name += f"-{args.intensity}" if args.intensity != "slice" else ""
     write_results(name, {"machine": info, "results": results}, text)
     print(text)
     if args.update_readme:

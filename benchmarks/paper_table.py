@@ -105,6 +105,7 @@ class Setup:
     base_width: int = 16
     device: str = "auto"
     scanner_augment: float = 0.0
+    intensity: str = "slice"
 
 
 def _run(
@@ -122,6 +123,8 @@ def _run(
         key += f"-w{setup.base_width}"
     if setup.scanner_augment:
         key += f"-scanner{setup.scanner_augment:g}"
+    if setup.intensity != Setup.intensity and init is None:  # a fine-tune keeps its model's
+        key += f"-{setup.intensity}"
     if init is not None:
         key += f"-from-{Path(init).stem}"
     key = key.replace("/", "_").replace(".", "").replace("(", "").replace(")", "")
@@ -147,6 +150,8 @@ def _run(
         ),
         foreground_value=dataset.foreground_value,
         init=init,
+        intensity=setup.intensity if init is None else None,
+        save_float=True,  # site_gap.py reads the float state (BatchNorm statistics, formats)
     )
     start = time.perf_counter()
     for _ in train_model(job):

@@ -144,3 +144,31 @@ def test_3d_model_files_round_trip_and_older_files_load_as_2d(tmp_path: Path) ->
         metadata=dict(metadata, config=json.dumps(config)),
     )
     assert load_model(old).unet == UNetConfig(base_width=4, depth=2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_intensity_normalisation_travels_with_the_model(tmp_path: Path, packed: bool) -> None:
+    """A model trained on locally normalised images is run on locally normalised images: the
+    choice is in the file (float and packed); files from before the choice load as "slice"."""
+    from dataclasses import replace
+
+    bundle = _bundle(QuantConfig.from_bits(4, 6))
+    local = PreprocessConfig(spacing=(0.5, 0.5), intensity="local", local_mm=7.5)
+    save_model(tmp_path / "local.safetensors", replace(bundle, preprocess=local), packed=packed)
+    assert load_model(tmp_path / "local.safetensors").preprocess == local
+
+    save_model(tmp_path / "new.safetensors", bundle)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    del config["preprocess"]["intensity"], config["preprocess"]["local_mm"]
+    old = tmp_path / "old.safetensors"
+    save_file(
+        load_file(str(tmp_path / "new.safetensors")),
+        str(old),
+        metadata=dict(metadata, config=json.dumps(config)),
+    )
+    assert load_model(old).preprocess == PreprocessConfig(spacing=(0.5, 0.5))

@@ -357,6 +357,12 @@ MASK_FORMATS = ("same", ".tif", ".nii.gz", ".nii")
 images, ``.nii.gz`` for DICOM series) or one suffix for all."""
 
 
+INTENSITY_NORMALISATIONS = ("slice", "local")
+LOCAL_PIXELS_PER_MM = 2.0
+"""Images without a spacing: ``local_mm`` counts this many pixels per mm (a 10 mm
+neighbourhood is then 20 pixels)."""
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images become network inputs; saved in the model file and reused at inference.
@@ -368,11 +374,21 @@ class PreprocessConfig:
         DICOM) are resampled to; ``None`` keeps every image's own grid.
     ct_window
         ``(level, width)`` in Hounsfield units: intensities are clipped to the window and mapped
-        to [-1, 1] instead of the per-slice z-score.
+        to [-1, 1] instead of the intensity normalisation below.
+    intensity
+        ``"slice"``: each slice's z-score (mean and SD of the whole slice, so they depend on
+        how much of the body the field of view holds). ``"local"``: each pixel's z-score
+        against a Gaussian neighbourhood of SD ``local_mm`` (the same tissue gives about the
+        same value whatever the field of view, padding or overall scanner gain).
+    local_mm
+        The neighbourhood of ``"local"``, in mm on images with a spacing; images without one
+        (TIFF, PNG) use :data:`LOCAL_PIXELS_PER_MM` pixels per mm.
     """
 
     spacing: tuple[float, float] | None = None
     ct_window: tuple[float, float] | None = None
+    intensity: str = "slice"
+    local_mm: float = 10.0
 
     def __post_init__(self) -> None:
         if self.spacing is not None and (
@@ -381,6 +397,13 @@ class PreprocessConfig:
             raise ValueError(
                 f"spacing must be two numbers between 0.001 and 100 mm, got {self.spacing}"
             )
+        if self.intensity not in INTENSITY_NORMALISATIONS:
+            raise ValueError(
+                f"unknown intensity normalisation {self.intensity!r}; choose one of "
+                f"{INTENSITY_NORMALISATIONS}"
+            )
+        if not 0.5 <= self.local_mm <= 200:
+            raise ValueError(f"local_mm must be between 0.5 and 200 mm, got {self.local_mm}")
         if self.ct_window is not None and (len(self.ct_window) != 2 or self.ct_window[1] <= 0):
             raise ValueError(
                 f"ct_window must be (level, width) with a positive width, got {self.ct_window}; "

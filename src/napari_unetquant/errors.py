@@ -19,6 +19,7 @@ SETTINGS = (
     "elastic",
     "foreground_value",
     "init",
+    "intensity",
     "integer",
     "labels_dir",
     "network",

@@ -7,7 +7,8 @@ quantized weights as integer codes packed at their bit width, BatchNorm folded (
 :mod:`napari_unetquant.packed`). The metadata holds ``format``, ``version``, ``layout`` and a JSON
 ``config`` with the U-Net, quantization and preprocessing settings plus a training summary
 (packed files add ``layers``). Loading reads and checks the metadata before it builds anything,
-and safetensors parses no code.
+and safetensors parses no code. :func:`unpacked` turns a packed model back into a trainable
+``state_dict`` one (the start of a fine-tune from a packed file).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .packed import (
     load_exactly,
     pack_model,
     packed_network,
+    unpacked_network,
 )
 
 FORMAT = "napari-unetquant-model"
@@ -79,6 +81,8 @@ def _preprocess_from_dict(data: dict[str, Any]) -> PreprocessConfig:
     return PreprocessConfig(
         spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         ct_window=None if window is None else (float(window[0]), float(window[1])),
+        intensity=str(data.get("intensity", "slice")),  # files from before the choice: slice
+        local_mm=float(data.get("local_mm", PreprocessConfig.local_mm)),
     )
 
 
@@ -223,3 +227,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
     model.to(device).eval()
     info = dict(config.get("info", {}))
     return SegmentationModel(model, unet, quant, preprocess, info, config["layout"])
+
+
+def unpacked(bundle: SegmentationModel) -> SegmentationModel:
+    """``bundle`` as a trainable model in the ``state_dict`` layout: a packed one unpacked
+    (float weights exactly its dequantized codes, BatchNorm unfolded with the same inference
+    arithmetic, so the same outputs; see :func:`~napari_unetquant.packed.unpacked_network`), a
+    ``state_dict`` one as it is."""
+    if bundle.layout != LAYOUT_PACKED:
+        return bundle
+    model = unpacked_network(bundle.model, bundle.unet, bundle.quant)
+    device = next(bundle.model.parameters()).device
+    return SegmentationModel(
+        model.to(device), bundle.unet, bundle.quant, bundle.preprocess, dict(bundle.info)
+    )

@@ -111,3 +111,51 @@ def test_volume_slices_must_match_for_masks() -> None:
     volume = Volume(np.zeros((2, 8, 8)), spacing=(1.0, 1.0))
     mask = network_mask(np.ones((2, 8, 8), np.uint8), volume, PreprocessConfig(spacing=(2.0, 2.0)))
     assert mask.shape == (2, 4, 4)
+
+
+def test_local_normalisation_ignores_field_of_view_gain_and_offset() -> None:
+    """The same tissue gives the same values whatever surrounds it: a crop of the slice, a
+    padded field of view or another scanner gain and offset change the slice z-score of the
+    centre but not the local one (away from the borders the neighbourhood reaches)."""
+    rng = np.random.default_rng(0)
+    tissue = ndimage_smooth(rng.normal(size=(96, 96)))
+    wide = np.pad(tissue, 64, constant_values=0.0) + np.pad(np.ones((96, 96)), 64) * 3
+    local = PreprocessConfig(intensity="local", local_mm=4.0)  # 8 px at 0.5 mm
+    centre = (slice(40, 56), slice(40, 56))
+
+    def value(image: np.ndarray, config: PreprocessConfig, gain: float = 1.0) -> np.ndarray:
+        out = normalize((image * gain + 7.0)[None], config, spacing=(0.5, 0.5))[0]
+        middle = (image.shape[0] - 96) // 2
+        return out[middle : middle + 96, middle : middle + 96][centre]
+
+    assert np.allclose(value(tissue, local), value(wide, local, gain=3.0), atol=1e-3)
+    assert not np.allclose(value(tissue, PreprocessConfig()), value(wide, PreprocessConfig()), 0.1)
+
+
+def test_local_neighbourhood_is_in_millimetres() -> None:
+    """Resampled or not, ``local_mm`` is a physical size: half the pixel size, twice the
+    pixels; images without a spacing use a fixed number of pixels per mm."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(1, 64, 64)).astype(np.float32)
+    config = PreprocessConfig(intensity="local", local_mm=5.0)
+    assert np.allclose(
+        normalize(image, config, spacing=(0.25, 0.25)),
+        normalize(image, PreprocessConfig(intensity="local", local_mm=10.0), spacing=(0.5, 0.5)),
+    )
+    assert np.allclose(normalize(image, config), normalize(image, config, spacing=(0.5, 0.5)))
+    flat = normalize(np.zeros((1, 8, 8)), config)
+    assert np.all(flat == 0)  # no division by zero on a constant image
+
+
+def test_unknown_intensity_normalisation_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"choose one of \('slice', 'local'\)"):
+        PreprocessConfig(intensity="histogram")
+    with pytest.raises(ValueError, match=r"between 0\.5 and 200 mm"):
+        PreprocessConfig(intensity="local", local_mm=0.0)
+
+
+def ndimage_smooth(noise: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    smooth: np.ndarray = ndimage.gaussian_filter(noise, 2.0)
+    return smooth

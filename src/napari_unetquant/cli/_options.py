@@ -13,6 +13,7 @@ OPTIONS = {
     "act_format": "--act-format",
     "batch_size": "--batch-size",
     "ct_window": "--ct-window",
+    "intensity": "--intensity",
     "device": "--device",
     "elastic": "--elastic",
     "foreground_value": "--foreground-value",

@@ -11,12 +11,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
-from ..config import LOSSES, SPATIAL_DIMS, TrainConfig, UNetConfig
+from ..config import INTENSITY_NORMALISATIONS, LOSSES, SPATIAL_DIMS, TrainConfig, UNetConfig
 from ..events import StepEvent, ValidationEvent
 from ..jobs import TrainJob, train_model
 from ..modelio import read_metadata
+from ..packed import LAYOUT_PACKED
 from ..recipes import FINE_TUNE_LEARNING_RATE, FINE_TUNE_STEPS, train_config
 from ._options import add_device_argument, add_quant_arguments, quant_config_from_args
 
@@ -27,7 +29,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train = commands.add_parser("train", help="train a (quantized) U-Net on images and labels")
     train.add_argument("--images", nargs="+", required=True, metavar="PATH")
     train.add_argument("--labels", nargs="+", required=True, metavar="PATH")
-    train.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    train.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL",
+        help="model file to write: packed (codes at their bit width, small) when the weights "
+        "are quantized, else float",
+    )
+    train.add_argument(
+        "--save-float",
+        action="store_true",
+        help="write the float model file (float weights, BatchNorm statistics, quantizer state; "
+        "larger) even when the weights are quantized",
+    )
     train.add_argument(
         "--foreground-value",
         type=int,
@@ -40,7 +54,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=int,
         help=f"optimisation steps (default {TrainConfig.steps}; {FINE_TUNE_STEPS} with --init)",
     )
-    train.add_argument("--init", metavar="MODEL", help="fine-tune from this model's weights")
+    train.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="fine-tune from this model's weights (a float or a packed model file)",
+    )
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument(
         "--checkpoint-seconds",
@@ -85,6 +103,13 @@ def _add_network_arguments(train: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("LEVEL", "WIDTH"),
         help="CT window in HU instead of z-score normalisation",
+    )
+    train.add_argument(
+        "--intensity",
+        choices=INTENSITY_NORMALISATIONS,
+        help="intensity normalisation of new models: 'slice' z-score (default) or 'local' "
+        "z-score in a 10 mm neighbourhood (independent of the field of view); a fine-tune "
+        "keeps its model's",
     )
 
 
@@ -187,9 +212,11 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         val_labels=tuple(args.val_labels or ()),
         spacing=args.spacing,
         ct_window=tuple(args.ct_window) if args.ct_window else None,
+        intensity=args.intensity,
         init=args.init,
         resume=args.resume,
         checkpoint_seconds=args.checkpoint_seconds,
+        save_float=args.save_float,
     )
 
 
@@ -235,8 +262,14 @@ def _train(job: TrainJob, resume: bool, reports: bool) -> int:
         if best is None:
             print(f"{job.out} is already complete: nothing left to train")
         else:
-            print(f"saved {job.out} ({job.quant.label}, best validation Dice {best:.4f})")
+            print(f"saved {job.out} ({_written(job)}, best validation Dice {best:.4f})")
     return 0
+
+
+def _written(job: TrainJob) -> str:
+    """``W4A6, packed, 37.2 KiB``: what the model file holds and its size."""
+    layout = "packed" if read_metadata(job.out)["layout"] == LAYOUT_PACKED else "float"
+    return f"{job.quant.label}, {layout}, {Path(job.out).stat().st_size / 1024:.1f} KiB"
 
 
 def progress(event: object, out: TextIO | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..config import PreprocessConfig
+from ..config import LOCAL_PIXELS_PER_MM, PreprocessConfig
 from .volume import Volume
 
 
@@ -15,6 +15,22 @@ def zscore(image: np.ndarray) -> np.ndarray:
     std = float(values.std())
     normalised: np.ndarray = (values - float(values.mean())) / np.float32(std if std > 0 else 1.0)
     return normalised
+
+
+def local_zscore(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Each pixel's z-score against a Gaussian neighbourhood of SD ``sigma`` pixels (float32).
+
+    The local variance gets a tiny floor (:data:`LOCAL_SD_FLOOR` of the image's SD, squared), so
+    constant regions (zero padding) give zeros rather than a division by zero."""
+    values = np.asarray(image, dtype=np.float32)
+    mean = ndimage.gaussian_filter(values, sigma, mode="reflect")
+    variance = ndimage.gaussian_filter(values * values, sigma, mode="reflect") - mean * mean
+    floor = (LOCAL_SD_FLOOR * float(values.std())) ** 2 or 1.0
+    normalised: np.ndarray = (values - mean) / np.sqrt(np.maximum(variance, 0.0) + floor)
+    return normalised.astype(np.float32)
+
+
+LOCAL_SD_FLOOR = 1e-3
 
 
 def label_values(labels: np.ndarray, most: int = 8) -> str:
@@ -51,9 +67,15 @@ def foreground_mask(
     return mask.astype(np.uint8)
 
 
-def normalize(slices: np.ndarray, config: PreprocessConfig, source: str = "") -> np.ndarray:
-    """``(S, H, W)`` -> float32: per-slice z-score, or a CT window mapped to [-1, 1].
+def normalize(
+    slices: np.ndarray,
+    config: PreprocessConfig,
+    source: str = "",
+    spacing: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """``(S, H, W)`` -> float32: per-slice or local z-score, or a CT window mapped to [-1, 1].
 
+    ``spacing`` (mm) is the slices' pixel size, which sizes the ``"local"`` neighbourhood;
     ``source`` names the image in the error about NaN or Inf pixels.
     """
     values = np.asarray(slices, dtype=np.float32)
@@ -67,7 +89,21 @@ def normalize(slices: np.ndarray, config: PreprocessConfig, source: str = "") ->
         level, width = config.ct_window
         low = level - width / 2
         return (np.clip(values, low, low + width) - low) * np.float32(2 / width) - 1
+    if config.intensity == "local":
+        per_mm = (1 / spacing[0], 1 / spacing[1]) if spacing else (LOCAL_PIXELS_PER_MM,) * 2
+        sigma = (config.local_mm * per_mm[0], config.local_mm * per_mm[1])
+        return np.stack([local_zscore(s, sigma) for s in values])  # type: ignore[arg-type]
     return np.stack([zscore(s) for s in values])
+
+
+def network_spacing(
+    spacing: tuple[float, float] | None, config: PreprocessConfig
+) -> tuple[float, float] | None:
+    """The pixel size (mm) of the slices the network sees: ``config.spacing`` when images
+    are resampled to it, the image's own otherwise (``None``: unknown)."""
+    if spacing is None:
+        return None
+    return config.spacing or spacing
 
 
 def target_shape(
@@ -100,7 +136,7 @@ def network_input(volume: Volume, config: PreprocessConfig) -> np.ndarray:
     """The normalised, resampled ``(S, H', W')`` float32 slices the network sees."""
     shape = target_shape(volume.array.shape[1:], volume.spacing, config)
     resized = resize_slices(volume.array.astype(np.float32), shape, order=1)
-    return normalize(resized, config, volume.source)
+    return normalize(resized, config, volume.source, network_spacing(volume.spacing, config))
 
 
 def network_mask(mask: np.ndarray, volume: Volume, config: PreprocessConfig) -> np.ndarray:

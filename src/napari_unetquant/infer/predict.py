@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import InferConfig
 from ..data.io import SliceSource, Volume, volume_source
-from ..data.preprocess import normalize, resize_slices, target_shape
+from ..data.preprocess import network_spacing, normalize, resize_slices, target_shape
 from ..errors import SettingError
 from ..modelio import SegmentationModel
 from .integer import IntegerUNet
@@ -205,10 +205,12 @@ def segment_source(
             )
         network = cached_integer_unet(bundle.model)
     plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
+    pixel_mm = network_spacing(source.spacing, bundle.preprocess)
 
     def read(start: int, stop: int) -> np.ndarray:
         raw = source.slices(start, stop).astype(np.float32)
-        return normalize(resize_slices(raw, plane, order=1), bundle.preprocess, source.source)
+        resized = resize_slices(raw, plane, order=1)
+        return normalize(resized, bundle.preprocess, source.source, pixel_mm)
 
     original = (source.shape[1], source.shape[2])
     for chunk in predict_chunks(network, read, (source.shape[0], *plane), config, device):

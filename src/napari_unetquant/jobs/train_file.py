@@ -1,11 +1,15 @@
 """The training job on files: train (or fine-tune, or resume) and keep a model file holding
-the best model so far, with a resume checkpoint beside it."""
+the best model so far, with a resume checkpoint beside it.
+
+The model file of a network with quantized weights is packed (codes at their bit width, the
+small file users deploy) unless the job asks for the float file; the float training state lives
+in the resume checkpoint while the run is unfinished. Fine-tuning starts from either layout."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ from ..data.io import remove_partial_writes
 from ..errors import SettingError
 from ..events import Event, ValidationEvent
 from ..modelio import SegmentationModel, load_model, save_model
+from ..packed import has_quantized_weights
 from ..train import (
     LabelledVolume,
     checkpoint_path,
@@ -38,6 +43,9 @@ class TrainJob:
     model's), ``None`` (no resampling) or ``(rows, cols)`` mm. ``foreground_value``: ``None``
     means non-zero, or the ``init`` model's value. ``checkpoint_seconds``: the resume checkpoint
     is written at least this often (between validations too), so a crash loses little.
+    ``save_float``: write the float ``state_dict`` model file (larger: float weights, BatchNorm
+    statistics, quantizer state) even when the weights are quantized, whose file is otherwise
+    packed (see :func:`writes_packed`).
     """
 
     images: tuple[str, ...]
@@ -51,9 +59,11 @@ class TrainJob:
     val_labels: tuple[str, ...] = ()
     spacing: tuple[float, float] | str | None = AUTO
     ct_window: tuple[float, float] | None = None
+    intensity: str | None = None
     init: str | None = None
     resume: bool = False
     checkpoint_seconds: float = 60.0
+    save_float: bool = False
 
     def __post_init__(self) -> None:
         if not self.checkpoint_seconds >= 0:
@@ -78,7 +88,7 @@ def _start(job: TrainJob) -> Start:
     _check_init_conflicts(job, source)
     start = start_network(job.quant, job.train.seed, None, source)
     foreground = source.info.get("foreground_value", job.foreground_value)
-    return Start(start.model, start.unet, start.preprocess, foreground)
+    return replace(start, foreground_value=foreground)
 
 
 def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
@@ -90,6 +100,8 @@ def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
         conflicts.append((f"spacing {source.preprocess.spacing}", "spacing"))
     if job.ct_window is not None and job.ct_window != source.preprocess.ct_window:
         conflicts.append((f"CT window {source.preprocess.ct_window}", "ct_window"))
+    if job.intensity is not None and job.intensity != source.preprocess.intensity:
+        conflicts.append((f"intensity {source.preprocess.intensity!r}", "intensity"))
     trained_on = source.info.get("foreground_value")
     if (
         job.foreground_value is not None
@@ -114,7 +126,9 @@ def _preprocess(
         return inherited
     spacing = median_spacing(pairs) if job.spacing == AUTO else job.spacing
     return PreprocessConfig(
-        spacing=spacing if not isinstance(spacing, str) else None, ct_window=job.ct_window
+        spacing=spacing if not isinstance(spacing, str) else None,
+        ct_window=job.ct_window,
+        intensity=job.intensity or PreprocessConfig.intensity,
     )
 
 
@@ -131,8 +145,21 @@ def _run(job: TrainJob) -> TrainingRun:
     return run
 
 
+def writes_packed(job: TrainJob, bundle: SegmentationModel) -> bool:
+    """Whether ``job.out`` is written packed: when the network has quantized weights (what the
+    packed layout stores in a few bits) and the job does not ask for the float file."""
+    return not job.save_float and has_quantized_weights(bundle.model)
+
+
+def save_best(job: TrainJob, bundle: SegmentationModel) -> None:
+    """Write ``bundle`` to ``job.out``, packed as :func:`writes_packed` says."""
+    save_model(job.out, bundle, packed=writes_packed(job, bundle))
+
+
 def train_model(job: TrainJob) -> Generator[Event, None, None]:
-    """Train, yield progress events, and keep ``job.out`` holding the best model so far.
+    """Train, yield progress events, and keep ``job.out`` holding the best model so far
+    (packed when its weights are quantized, unless ``job.save_float``; see
+    :func:`writes_packed`).
 
     At every validation the resume checkpoint beside ``job.out`` is written first, then the
     model if it improved, both before the event is yielded (the caller may stop there); between
@@ -154,7 +181,7 @@ def train_model(job: TrainJob) -> Generator[Event, None, None]:
     if job.resume:
         _resume(job, run, identity)
         if writes and trainer.best_state is not None:  # the model file may predate it
-            save_model(job.out, run.best())
+            save_best(job, run.best())
 
     saved_at = time.monotonic()
     for event in run.events():
@@ -164,7 +191,7 @@ def train_model(job: TrainJob) -> Generator[Event, None, None]:
                 save_checkpoint(resume_file, trainer, identity)
                 saved_at = time.monotonic()
             if event.improved:
-                save_model(job.out, run.best())
+                save_best(job, run.best())
             if not unfinished:
                 resume_file.unlink(missing_ok=True)
         elif writes and unfinished and time.monotonic() - saved_at >= job.checkpoint_seconds:
