@@ -454,6 +454,8 @@ def test_local_intensity_normalisation_is_trained_saved_and_segmented_with(
     code, _, _ = _run(_train_args(phantom_files, out, *FAST, "--intensity", "local"), capsys)
     assert code == 0
     assert load_model(out).preprocess.intensity == "local"
+    code, stdout, _ = _run(["info", "--model", str(out)], capsys)
+    assert code == 0 and "inputs      each image's own grid; local z-score (10 mm)" in stdout
     mask = tmp_path / "mask.tif"
     code, _, _ = _run(
         ["segment", "--model", str(out), "--image", str(phantom_files[0]), "--out", str(mask)],

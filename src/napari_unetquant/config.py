@@ -390,6 +390,26 @@ class PreprocessConfig:
     intensity: str = "slice"
     local_mm: float = 10.0
 
+    @property
+    def intensity_text(self) -> str:
+        """How intensities become network inputs, in words: ``"z-score per slice"``, ``"local
+        z-score (10 mm)"`` or ``"CT window 40/400 HU"``."""
+        if self.ct_window is not None:
+            return f"CT window {self.ct_window[0]:g}/{self.ct_window[1]:g} HU"
+        if self.intensity == "local":
+            return f"local z-score ({self.local_mm:g} mm)"
+        return "z-score per slice"
+
+    @property
+    def text(self) -> str:
+        """The whole preprocessing in words (``info`` prints it)."""
+        grid = (
+            "each image's own grid"
+            if self.spacing is None
+            else f"resampled to {self.spacing[0]:.3g} x {self.spacing[1]:.3g} mm"
+        )
+        return f"{grid}; {self.intensity_text}"
+
     def __post_init__(self) -> None:
         if self.spacing is not None and (
             len(self.spacing) != 2 or not all(1e-3 <= s <= 100 for s in self.spacing)

@@ -195,11 +195,8 @@ class IntensityChoice:
 def intensity_text(preprocess: PreprocessConfig) -> str:
     """A model's intensity mapping as the Segment and Batch docks show it."""
     window = preprocess.ct_window
-    if window is None:
-        local = getattr(preprocess, "intensity", "slice") == "local"
-        return "local z-score" if local else "z-score per slice"
-    names = [name for name, preset in CT_PRESETS.items() if preset == tuple(window)]
-    return f"CT window {window[0]:g}/{window[1]:g} HU" + (f" ({names[0]})" if names else "")
+    names = [name for name, preset in CT_PRESETS.items() if window and preset == tuple(window)]
+    return preprocess.intensity_text + (f" ({names[0]})" if names else "")
 
 
 def model_file_preprocess(path: object) -> PreprocessConfig | None:

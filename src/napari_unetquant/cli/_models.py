@@ -99,6 +99,7 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
         "spatial_dims": bundle.unet.spatial_dims,
         "unet": asdict(bundle.unet),
         "preprocess": asdict(bundle.preprocess),
+        "inputs": bundle.preprocess.text,
         "training": bundle.info,
         "layers": [asdict(layer) for layer in report.layers],
         "layer_bytes": [asdict(layer) for layer in on_disk.layers],
@@ -163,6 +164,7 @@ def run_info(args: argparse.Namespace) -> int:
     for key in keys:
         print(f"{key:<12}{summary[key]}")
     print(f"{'file':<12}{_file_line(summary, args.model)}")
+    print(f"{'inputs':<12}{summary['inputs']}")
     training = summary["training"]
     assert isinstance(training, dict)
     print(
