@@ -76,6 +76,69 @@ def w4a6_model_file(tmp_path: Path) -> Path:
     return path
 
 
+FAST_TRAIN = [
+    "--steps",
+    "4",
+    "--crop",
+    "32",
+    "--batch-size",
+    "2",
+    "--validate-every",
+    "2",
+    "--base-width",
+    "4",
+    "--depth",
+    "2",
+]
+"""``unetquant train`` options for a run of seconds: a tiny network, four steps."""
+
+
+@pytest.fixture
+def fast_train() -> list[str]:
+    return list(FAST_TRAIN)
+
+
+def write_ct_series(
+    folder: Path,
+    slices: np.ndarray,
+    name: str = "f{}.dcm",
+    position: Callable[[int], list[float]] = lambda index: [0.0, 0.0, 10 - 2.5 * index],
+) -> None:
+    """``slices`` (S, rows, columns) in HU as an axial CT series (0.7 x 0.8 mm pixels), one
+    file per slice named ``name.format(index)`` at ``position(index)``, plus a text note."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    for index in range(len(slices)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / name.format(index)
+        dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        dataset.Modality = "CT"
+        dataset.Rows, dataset.Columns = slices.shape[1:]
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+        dataset.PixelRepresentation = 0
+        dataset.SamplesPerPixel = 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+        dataset.PixelSpacing = [0.7, 0.8]
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = position(index)
+        dataset.SeriesInstanceUID = "1.2.3"
+        dataset.PixelData = (slices[index] + 1024).astype(np.uint16).tobytes()
+        dataset.save_as(path, enforce_file_format=True)
+    (folder / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture
+def ct_series() -> Callable[..., None]:
+    """:func:`write_ct_series`, for tests that write DICOM folders."""
+    return write_ct_series
+
+
 @pytest.fixture
 def bad_file(
     tmp_path: Path, w4a6_model_file: Path, monkeypatch: pytest.MonkeyPatch

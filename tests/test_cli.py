@@ -15,21 +15,6 @@ import tifffile
 from napari_unetquant.cli import main
 from napari_unetquant.demo import DemoConfig, format_rows, run_demo
 
-FAST = [
-    "--steps",
-    "4",
-    "--crop",
-    "32",
-    "--batch-size",
-    "2",
-    "--validate-every",
-    "2",
-    "--base-width",
-    "4",
-    "--depth",
-    "2",
-]
-
 
 def _train_args(files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     image, labels = files
@@ -71,10 +56,13 @@ def test_help_works_through_python_dash_m_and_lists_the_contract() -> None:
 
 @pytest.fixture
 def trained(
-    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> Path:
     out = tmp_path / "fp.safetensors"
-    code, stdout, _ = _run(_train_args(phantom_files, out, *FAST), capsys)
+    code, stdout, _ = _run(_train_args(phantom_files, out, *fast_train), capsys)
     assert code == 0 and "saved" in stdout
     return out
 
@@ -84,6 +72,7 @@ def test_train_fine_tune_info_segment_evaluate(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     image, labels = phantom_files
     quantized = tmp_path / "w4a6.safetensors"
@@ -97,7 +86,7 @@ def test_train_fine_tune_info_segment_evaluate(
             "4",
             "--act-bits",
             "6",
-            *FAST,
+            *fast_train,
         ),
         capsys,
     )
@@ -277,10 +266,13 @@ def test_argument_errors_are_one_line_too(
 
 
 def test_unavailable_device_and_bad_validation_pairs(
-    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     image = phantom_files[0]
-    base = _train_args(phantom_files, tmp_path / "m.safetensors", *FAST)
+    base = _train_args(phantom_files, tmp_path / "m.safetensors", *fast_train)
     code, _, err = _run([*base, "--device", "cuda"], capsys)
     assert code == 2 and "CUDA is not available; use the CPU (option --device)" in err
     code, _, err = _run([*base, "--val-images", str(image)], capsys)
@@ -352,11 +344,12 @@ def test_export_packed_and_integer_then_segment_with_integers(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     image, labels = phantom_files
     quantized = tmp_path / "w4a6.safetensors"
     argv = _train_args(phantom_files, quantized, "--init", str(trained), "--weight-bits", "4")
-    assert _run([*argv, "--act-bits", "6", "--save-float", *FAST], capsys)[0] == 0
+    assert _run([*argv, "--act-bits", "6", "--save-float", *fast_train], capsys)[0] == 0
 
     packed = tmp_path / "w4a6-packed.safetensors"
     code, stdout, _ = _run(["export", "--model", str(quantized), "--out", str(packed)], capsys)
@@ -417,6 +410,7 @@ def test_export_and_integer_errors_are_one_line(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     code, _, err = _run(["export", "--model", str(trained), "--out", str(trained)], capsys)
     assert code == 2 and "the model file itself" in err and err.count("\n") == 1
@@ -430,7 +424,9 @@ def test_export_and_integer_errors_are_one_line(
     assert code == 2 and "no quantized layer" in err and not (tmp_path / "i.st").exists()
     packed = tmp_path / "fp-packed.safetensors"
     assert _run(["export", "--model", str(trained), "--out", str(packed)], capsys)[0] == 0
-    argv = _train_args(phantom_files, tmp_path / "q.safetensors", "--init", str(packed), *FAST)
+    argv = _train_args(
+        phantom_files, tmp_path / "q.safetensors", "--init", str(packed), *fast_train
+    )
     code, _, err = _run([*argv, "--weight-bits", "4"], capsys)
     assert code == 0, err  # a packed model fine-tunes too (unpacked first)
 
@@ -446,12 +442,15 @@ def test_the_scanner_augmentation_option_reaches_training() -> None:
 
 
 def test_local_intensity_normalisation_is_trained_saved_and_segmented_with(
-    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     from napari_unetquant.modelio import load_model
 
     out = tmp_path / "local.safetensors"
-    code, _, _ = _run(_train_args(phantom_files, out, *FAST, "--intensity", "local"), capsys)
+    code, _, _ = _run(_train_args(phantom_files, out, *fast_train, "--intensity", "local"), capsys)
     assert code == 0
     assert load_model(out).preprocess.intensity == "local"
     code, stdout, _ = _run(["info", "--model", str(out)], capsys)

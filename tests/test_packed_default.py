@@ -21,20 +21,6 @@ from napari_unetquant.model import build_unet
 from napari_unetquant.modelio import SegmentationModel, load_model, read_metadata, save_model
 from napari_unetquant.quant.layers import QuantConvNd
 
-FAST = [
-    "--steps",
-    "4",
-    "--crop",
-    "32",
-    "--batch-size",
-    "2",
-    "--validate-every",
-    "2",
-    "--base-width",
-    "4",
-    "--depth",
-    "2",
-]
 W4A6 = ["--weight-bits", "4", "--act-bits", "6"]
 
 
@@ -68,10 +54,13 @@ def _segment(
 
 @pytest.fixture
 def fp_file(
-    phantom_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> Path:
     out = tmp_path / "fp.safetensors"
-    code, stdout, err = _run(_train(phantom_files, out, *FAST), capsys)
+    code, stdout, err = _run(_train(phantom_files, out, *fast_train), capsys)
     assert code == 0, err
     assert "(FP, float, " in stdout and " KiB" in stdout
     assert read_metadata(out)["layout"] == "state_dict"  # full precision: the float file
@@ -84,10 +73,11 @@ def packed_file(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> Path:
     out = tmp_path / "w4a6.safetensors"
     code, stdout, err = _run(
-        _train(phantom_files, out, "--init", str(fp_file), *W4A6, *FAST), capsys
+        _train(phantom_files, out, "--init", str(fp_file), *W4A6, *fast_train), capsys
     )
     assert code == 0, err
     assert "(W4A6, packed, " in stdout and " KiB" in stdout
@@ -100,11 +90,14 @@ def test_quantized_training_writes_the_packed_file_unless_asked_for_the_float_on
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     assert read_metadata(packed_file)["layout"] == "packed"
     assert load_model(packed_file).quant.label == "W4A6"
     float_file = tmp_path / "w4a6-float.safetensors"
-    argv = _train(phantom_files, float_file, "--init", str(fp_file), *W4A6, "--save-float", *FAST)
+    argv = _train(
+        phantom_files, float_file, "--init", str(fp_file), *W4A6, "--save-float", *fast_train
+    )
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
     assert "(W4A6, float, " in stdout
@@ -345,6 +338,7 @@ def test_info_says_packed_its_bits_and_its_size(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
 ) -> None:
     code, stdout, _ = _run(["info", "--model", str(packed_file)], capsys)
     size = packed_file.stat().st_size
@@ -358,7 +352,9 @@ def test_info_says_packed_its_bits_and_its_size(
     assert 4 < info["mean_weight_bits"] < 32
 
     float_file = tmp_path / "w4a6-float.safetensors"
-    argv = _train(phantom_files, float_file, "--init", str(fp_file), *W4A6, "--save-float", *FAST)
+    argv = _train(
+        phantom_files, float_file, "--init", str(fp_file), *W4A6, "--save-float", *fast_train
+    )
     assert _run(argv, capsys)[0] == 0
     code, stdout, _ = _run(["info", "--model", str(float_file)], capsys)
     line = next(text for text in stdout.splitlines() if text.startswith("file"))

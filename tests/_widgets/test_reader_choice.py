@@ -80,35 +80,6 @@ def _nii(folder: Path, shared_data: Path) -> Path:
     return path
 
 
-def write_dicom_series(folder: Path, slices: np.ndarray) -> None:
-    """``slices`` (S, rows, columns) as an axial CT series, one file per slice, plus a note."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    for index in range(len(slices)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset = FileDataset(str(folder / f"{index}"), {}, file_meta=meta, preamble=b"\0" * 128)
-        dataset.Modality = "CT"
-        dataset.Rows, dataset.Columns = slices.shape[1:]
-        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
-        dataset.PixelRepresentation = 0
-        dataset.SamplesPerPixel = 1
-        dataset.PhotometricInterpretation = "MONOCHROME2"
-        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
-        dataset.PixelSpacing = [0.7, 0.8]
-        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        dataset.ImagePositionPatient = [-20.0, -30.0, 2.5 * index]
-        dataset.SeriesInstanceUID = "1.2.3"
-        dataset.PixelData = (slices[index] + 1024).astype(np.uint16).tobytes()
-        # scanners often write files without an extension
-        dataset.save_as(folder / f"IM{index:04d}", enforce_file_format=True)
-    (folder / "notes.txt").write_text("not an image")
-
-
 def _assert_opened_here(layer: Any, shape: tuple[int, ...]) -> None:
     assert isinstance(layer, napari.layers.Image)
     assert isinstance(layer.metadata.get(VOLUME_KEY), Volume)
@@ -152,10 +123,13 @@ def test_a_saved_reader_choice_opens_nifti_without_asking(
 
 
 def test_a_dicom_folder_dropped_on_a_fresh_napari_opens_with_this_plugin(
-    make_napari_viewer: Callable[..., Any], reader_dialogs: list[list[str]], tmp_path: Path
+    make_napari_viewer: Callable[..., Any],
+    reader_dialogs: list[list[str]],
+    tmp_path: Path,
+    ct_series: Callable[..., None],
 ) -> None:
     hu = np.random.default_rng(0).integers(-1000, 1000, (3, 6, 5)).astype(np.int16)
-    write_dicom_series(tmp_path / "scan", hu)
+    ct_series(tmp_path / "scan", hu, "IM{:04d}", lambda i: [-20.0, -30.0, 2.5 * i])
     viewer = make_napari_viewer()
     _drop(viewer, tmp_path / "scan")
     assert reader_dialogs == [[DISPLAY_NAME, "napari builtins"]]
@@ -173,20 +147,20 @@ def test_a_dicom_folder_dropped_on_a_fresh_napari_opens_with_this_plugin(
 
 
 def test_a_dicom_folder_opens_when_this_plugin_is_named(
-    make_napari_viewer: Callable[..., Any], tmp_path: Path
+    make_napari_viewer: Callable[..., Any], tmp_path: Path, ct_series: Callable[..., None]
 ) -> None:
     hu = np.random.default_rng(1).integers(-1000, 1000, (2, 4, 4)).astype(np.int16)
-    write_dicom_series(tmp_path / "scan", hu)
+    ct_series(tmp_path / "scan", hu, "IM{:04d}", lambda i: [-20.0, -30.0, 2.5 * i])
     viewer = make_napari_viewer()
     [layer] = viewer.open(tmp_path / "scan", plugin=PLUGIN)
     _assert_opened_here(layer, (2, 4, 4))
 
 
 def test_folders_without_dicom_files_or_slices_are_left_to_other_readers(
-    tmp_path: Path,
+    tmp_path: Path, ct_series: Callable[..., None]
 ) -> None:
     dicom = tmp_path / "scan"
-    write_dicom_series(dicom, np.zeros((2, 4, 4), np.int16))
+    ct_series(dicom, np.zeros((2, 4, 4), np.int16), "IM{:04d}")
     slices = tmp_path / "slices"
     slices.mkdir()
     (slices / "0001.png").write_bytes(b"")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -110,40 +111,12 @@ def test_a_damaged_slice_in_a_folder_is_named(tmp_path: Path) -> None:
         read_volume(tmp_path)
 
 
-def _write_dicom_series(folder: Path, slices: np.ndarray) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    for index in range(len(slices)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset = FileDataset(
-            str(folder / f"f{index}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128
-        )
-        dataset.Modality = "CT"
-        dataset.Rows, dataset.Columns = slices.shape[1:]
-        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
-        dataset.PixelRepresentation = 0
-        dataset.SamplesPerPixel = 1
-        dataset.PhotometricInterpretation = "MONOCHROME2"
-        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
-        dataset.PixelSpacing = [0.7, 0.8]
-        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        dataset.SeriesInstanceUID = "1.2.3"
-        # files written in reverse order of position: the reader must sort by position
-        dataset.ImagePositionPatient = [0, 0, float(10 - 2.5 * index)]
-        dataset.PixelData = (slices[index] + 1024).astype(np.uint16).tobytes()
-        dataset.save_as(folder / f"f{index}.dcm", enforce_file_format=True)
-    (folder / "notes.txt").write_text("not an image")
-
-
-def test_dicom_series_in_hounsfield_units_sorted_by_position(tmp_path: Path) -> None:
+def test_dicom_series_in_hounsfield_units_sorted_by_position(
+    tmp_path: Path, ct_series: Callable[..., None]
+) -> None:
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)
-    _write_dicom_series(tmp_path / "scan", hu)
+    ct_series(tmp_path / "scan", hu)
     volume = read_volume(tmp_path / "scan")
     # sorted by position (files were written top-down), in NIfTI voxel order (i = DICOM column)
     assert np.array_equal(volume.array, np.transpose(hu[::-1], (0, 2, 1)).astype(np.float32))
@@ -155,14 +128,14 @@ def test_dicom_series_in_hounsfield_units_sorted_by_position(tmp_path: Path) -> 
 
 
 def test_dicom_series_stream_reads_pixels_only_of_the_slices_asked_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ct_series: Callable[..., None]
 ) -> None:
     import pydicom
 
     from napari_unetquant.data import open_volume
 
     hu = np.random.default_rng(1).integers(-1000, 1000, (6, 6, 5)).astype(np.int16)
-    _write_dicom_series(tmp_path / "scan", hu)
+    ct_series(tmp_path / "scan", hu)
     eager = read_volume(tmp_path / "scan")
     pixels_read: list[str] = []
     original = pydicom.dcmread
