@@ -101,7 +101,7 @@ def test_fine_tuning_refuses_another_intensity_than_its_model_had(
     train.start.clicked()
     assert train.start.enabled and train.worker is None  # refused before any thread started
     assert len(errors) == 1
-    assert "per-slice z-scores (no CT window), not CT window 50/350 HU" in errors[0]
+    assert "z-score per slice, not CT window 50/350 HU" in errors[0]
     assert errors[0].endswith("(see: intensity, fine-tune from this session's FP model)")
 
 

@@ -54,7 +54,7 @@ def test_a_fine_tune_keeps_its_models_window_and_refuses_another() -> None:
 def test_the_docks_check_refuses_the_z_score_for_a_ct_model_and_the_reverse() -> None:
     check_fine_tune_window(None, (40.0, 400.0))  # nothing to fine-tune: any choice
     check_fine_tune_window(_fp((40.0, 400.0)), (40.0, 400.0))
-    with pytest.raises(SettingError, match="not per-slice z-scores"):
+    with pytest.raises(SettingError, match="not z-score per slice"):
         check_fine_tune_window(_fp((40.0, 400.0)), None)
-    with pytest.raises(SettingError, match=r"per-slice z-scores \(no CT window\), not CT window"):
+    with pytest.raises(SettingError, match="z-score per slice, not CT window"):
         check_fine_tune_window(_fp(None), (40.0, 400.0))

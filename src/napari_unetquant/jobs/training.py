@@ -179,13 +179,6 @@ def calibration_batch(data: SliceSet | VolumeSet, config: TrainConfig) -> torch.
     return torch.from_numpy(np.stack(crops)[:, None].astype(np.float32))
 
 
-def window_text(ct_window: tuple[float, float] | None) -> str:
-    """How a model's intensity mapping reads in a message: ``CT window 40/400 HU``."""
-    if ct_window is None:
-        return "per-slice z-scores (no CT window)"
-    return f"CT window {ct_window[0]:g}/{ct_window[1]:g} HU"
-
-
 def check_fine_tune_window(
     init: SegmentationModel | None, ct_window: tuple[float, float] | None
 ) -> None:
@@ -195,9 +188,9 @@ def check_fine_tune_window(
     if init is None or init.preprocess.ct_window == ct_window:
         return
     raise SettingError(
-        f"{model_name(init)} was trained with {window_text(init.preprocess.ct_window)}, not "
-        f"{window_text(ct_window)}; fine-tune it with the same, or train from scratch instead "
-        f"of fine-tuning it",
+        f"{model_name(init)} was trained with {init.preprocess.intensity_text}, not "
+        f"{PreprocessConfig(ct_window=ct_window).intensity_text}; fine-tune it with the same, "
+        f"or train from scratch instead of fine-tuning it",
         "ct_window",
         "init",
     )
