@@ -313,17 +313,22 @@ def test_the_sweep_fine_tunes_from_a_packed_fp_model(tmp_path: Path) -> None:
         fp_steps=2,
         fine_tune_steps=2,
         unet=UNetConfig(base_width=4, depth=2),
+        foreground_value=1,
     )
     results = [r for r in sweep(image, membranes, job) if isinstance(r, SweepResult)]
     assert [r.label for r in results] == ["FP", "W4A6"]  # FP first, W4A6 from it (in memory)
     assert results[1].model.info["init"] == model_name(results[0].model)
+    assert [r.model.info["foreground_value"] for r in results] == [1, 1]
 
     path = tmp_path / "fp-packed.safetensors"
     save_model(path, results[0].model, packed=True)
     packed_fp = load_model(path)
     assert packed_fp.layout == "packed"
     only_quantized = SweepJob(
-        settings=(QuantConfig.from_bits(4, 6),), fine_tune_steps=2, unet=job.unet
+        settings=(QuantConfig.from_bits(4, 6),),
+        fine_tune_steps=2,
+        unet=job.unet,
+        foreground_value=1,
     )
     again = [
         r for r in sweep(image, membranes, only_quantized, packed_fp) if isinstance(r, SweepResult)

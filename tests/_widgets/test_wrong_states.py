@@ -168,9 +168,9 @@ def test_start_prepares_the_data_in_the_worker_not_the_viewer(
     threads: list[str] = []
     real = _train.start_training
 
-    def recording(*args: Any) -> Any:
+    def recording(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(_train, "start_training", recording)
     viewer = make_napari_viewer()
@@ -199,3 +199,46 @@ def test_plots_have_axes_a_pareto_front_and_export(qtbot: Any, tmp_path: Path) -
     png, svg = plot.save(tmp_path / "sweep"), plot.save(tmp_path / "sweep.svg")
     assert png.name == "sweep.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_a_model_trained_in_the_dock_records_its_foreground_value_end_to_end(
+    make_napari_viewer: Callable[..., Any], qtbot: Any, errors: list[str]
+) -> None:
+    """Train on membranes = 0 (ISBI's convention) in the Train dock, segment with that model,
+    and the Dice readout scores value 0 without being told; the sweep records it too, and a
+    fine-tune on another value is refused."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    truth = np.full((4, 32, 32), 255, np.uint8)
+    truth[:, :, 12:20] = 0  # membranes 0, interior 255
+    image = viewer.add_image(
+        (truth == 0) + 0.1 * rng.random((4, 32, 32)).astype(np.float32), name="em"
+    )
+    labels = viewer.add_labels(truth, name="isbi")
+    train = _dock(viewer, "Train quantized U-Net")
+    train.image.value, train.ground_truth.value = image, labels
+    train.foreground_value.value = "0"
+    train.network_width.value, train.steps.value, train.quantizer.value = 4, 2, "float"
+    train.start.clicked()
+    qtbot.waitUntil(lambda: train.start.enabled and train.last_model is not None, timeout=TIMEOUT)
+    assert train.last_model.info["foreground_value"] == 0
+
+    segment = _dock(viewer, "Segment")
+    segment.image.value = image
+    segment.model.reset_choices()
+    segment.model.value = segment.model.choices[0]  # the session model just trained
+    segment.run_button.clicked()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=TIMEOUT)
+    dice = _dock(viewer, "Dice readout")
+    dice.truth.value = labels
+    dice.predictions.reset_choices()
+    dice.predictions.value = [viewer.layers[-1]]
+    dice.compute.clicked()
+    assert dice.summary.value.startswith(
+        "scoring ground-truth value 0 (the value the model was trained on)"
+    )
+
+    train.foreground_value.value = "255"  # fine-tuning the membrane model on the interior
+    train.quantizer.value = "fixed"
+    train.start.clicked()
+    assert errors and "was trained on foreground value 0, not 255" in errors[-1]

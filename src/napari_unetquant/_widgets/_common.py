@@ -89,17 +89,25 @@ def layer_source(layer: Image) -> SliceSource:
     return array_source(data, spacing, None, layer.name)  # type: ignore[arg-type]
 
 
-def foreground(labels: np.ndarray, value: str) -> np.ndarray:
-    """The object mask of a labels array: ``value`` empty means every non-zero label."""
+def foreground_number(value: str) -> int | None:
+    """The foreground value typed in a dock: ``None`` (empty: every non-zero label) or a
+    whole number."""
     text = value.strip()
     if not text:
-        return foreground_mask(labels)
+        return None
     try:
-        number = int(text)
+        return int(text)
     except ValueError:
         raise ValueError(
             f"foreground value {value!r} is not a whole number; leave it empty for non-zero"
         ) from None
+
+
+def foreground(labels: np.ndarray, value: str) -> np.ndarray:
+    """The object mask of a labels array: ``value`` empty means every non-zero label."""
+    number = foreground_number(value)
+    if number is None:
+        return foreground_mask(labels)
     mask = foreground_mask(labels, number)
     if not mask.any():
         raise ValueError(

@@ -24,7 +24,14 @@ from ..jobs import SweepJob, SweepResult, sweep, write_sweep_csv
 from ..modelio import SegmentationModel
 from ..recipes import DOCK_FINE_TUNE_STEPS, DOCK_STEPS
 from . import _session
-from ._common import Persistent, TrainingInputs, notify_error, show_rows, start_worker
+from ._common import (
+    Persistent,
+    TrainingInputs,
+    foreground_number,
+    notify_error,
+    show_rows,
+    start_worker,
+)
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
@@ -101,6 +108,7 @@ class SweepWidget(TrainingInputs):
             fp_steps=self.fp_steps.value,
             fine_tune_steps=self.quant_steps.value,
             unet=UNetConfig(base_width=self.network_width.value),
+            foreground_value=foreground_number(self.foreground_value.value),
         )
 
     @staticmethod

@@ -35,6 +35,8 @@ class SweepJob:
     unet: UNetConfig = field(default_factory=UNetConfig)
     device: str = "auto"
     seed: int = 0
+    foreground_value: int | None = None
+    """The label value the masks mark (``None``: non-zero), recorded in every model."""
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -83,7 +85,9 @@ def sweep(
             fine_tune=init is not None, spatial_dims=job.unet.spatial_dims, steps=steps
         )
         config = replace(config, device=job.device, seed=job.seed)
-        run = start_training(image, labels, quant, config, job.unet, init)
+        run = start_training(
+            image, labels, quant, config, job.unet, init, foreground_value=job.foreground_value
+        )
         yield from run.events()
         bundle = run.best()
         if quant.is_float:

@@ -196,6 +196,26 @@ def check_fine_tune_window(
     )
 
 
+def _value_text(value: int | None) -> str:
+    return "non-zero" if value is None else str(value)
+
+
+def check_fine_tune_foreground(init: SegmentationModel | None, value: int | None) -> None:
+    """Refuse to fine-tune ``init`` on another object than it was trained on (its recorded
+    foreground value; ``None``: every non-zero label)."""
+    if init is None or "foreground_value" not in init.info:
+        return
+    trained = init.info["foreground_value"]
+    if trained != value:
+        raise SettingError(
+            f"{model_name(init)} was trained on foreground value {_value_text(trained)}, not "
+            f"{_value_text(value)}; choose the same value to fine-tune it, or train from "
+            f"scratch",
+            "foreground_value",
+            "init",
+        )
+
+
 def check_training_data(
     image: Volume, labels: np.ndarray, init: SegmentationModel | None = None
 ) -> None:
@@ -225,6 +245,8 @@ def start_training(
     unet: UNetConfig | None = None,
     init: SegmentationModel | None = None,
     ct_window: tuple[float, float] | None = None,
+    *,
+    foreground_value: int | None = None,
 ) -> TrainingRun:
     """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
@@ -232,8 +254,13 @@ def start_training(
 
     ``ct_window``: ``(level, width)`` in HU mapped to [-1, 1] instead of the per-slice z-score.
     A fine-tune keeps ``init``'s preprocessing, as a fine-tune from a file does: ``None`` takes
-    it, and another window is refused (:func:`check_fine_tune_window`)."""
+    it, and another window is refused (:func:`check_fine_tune_window`).
+
+    ``foreground_value``: the label value ``labels`` marks (``None``: every non-zero label),
+    recorded in the model so that Segment and the Dice readout score the same object; a
+    fine-tune must use its model's (:func:`check_fine_tune_foreground`)."""
     check_training_data(image, labels, init)
+    check_fine_tune_foreground(init, foreground_value)
     if ct_window is not None:
         check_fine_tune_window(init, ct_window)
     mask = labels.astype(np.uint8)
@@ -243,5 +270,9 @@ def start_training(
         spacing=median_spacing(pairs[0]), ct_window=ct_window
     )
     run = begin(start, quant, train, pairs, preprocess)
-    run.info.update(source=image.source, init=None if init is None else model_name(init))
+    run.info.update(
+        source=image.source,
+        init=None if init is None else model_name(init),
+        foreground_value=foreground_value,
+    )
     return run
