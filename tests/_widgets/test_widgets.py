@@ -204,6 +204,10 @@ def test_sweep_plots_and_exports_csv(
         assert result.model.info["steps"] == 2
     assert sweep.results[1].stored_bytes < sweep.results[0].stored_bytes
     assert len(sweep.by_size.series["Dice"]) == 3
+    headers = [sweep.table.native.horizontalHeaderItem(i).text() for i in range(7)]
+    assert headers[:4] == ["setting", "validation Dice", "bits per weight", "stored KiB"]
+    kib = sweep.table.data[1][3]  # W4A6's stored size, in KiB in the table (bytes in the CSV)
+    assert kib == round(sweep.results[1].stored_bytes / 1024, 1)
     sweep.csv_path.value = tmp_path / "sweep.csv"
     sweep.export.clicked()
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))

@@ -108,6 +108,7 @@ def test_removed_layers_leave_the_dice_readout(make_napari_viewer: Callable[...,
     dice = _dock(viewer, "Dice readout")
     dice.truth.value = truth
     dice.predictions.reset_choices()
+    assert truth not in dice.predictions.choices  # the ground truth is not a prediction
     dice.predictions.value = [first, viewer.layers["second"]]
     dice.compute.clicked()
     assert list(dice.scores) == ["first", "second"]

@@ -67,8 +67,8 @@ class BatchWidget(Dock):
             value=InferConfig.threshold, min=0.05, max=0.95, step=0.05, label="threshold"
         )
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
-        self.integer = CheckBox(value=False, text="integer arithmetic (CPU)", label="integer")
-        self.open_masks = CheckBox(value=False, text="open each mask as a layer", label="show")
+        self.integer = CheckBox(value=False, text="integer arithmetic (CPU)")
+        self.open_masks = CheckBox(value=False, text="open each mask as a layer")
         self.start = PushButton(text="Segment all")
         self.stop = PushButton(text="Stop", enabled=False)
         self.status = Label(value="", label="status")

@@ -258,7 +258,7 @@ CONTROLS = {
     "foreground_value": "foreground value",
     "init": "fine-tune from this session's FP model",
     "intensity": "",
-    "integer": "integer",
+    "integer": "integer arithmetic (CPU)",
     "labels_dir": "labels",
     "network": "network",
     "out": "",

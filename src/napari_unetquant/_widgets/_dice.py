@@ -18,6 +18,10 @@ from ._common import (
     values_label,
 )
 
+PREDICTION_LIST_HEIGHT = 90
+"""Pixels of the predictions list (about four names; it scrolls): the summary and the table
+below it stay on screen after Compute."""
+
 
 class DiceWidget(Dock):
     """Mean Dice, pooled Dice and IoU for one or more predictions (e.g. FP and W4A6) side by
@@ -31,8 +35,11 @@ class DiceWidget(Dock):
         self.foreground_value.tooltip = "ground-truth label of the object; empty: non-zero"
         self.values_held = values_label(self.truth)
         self.predictions = Select(choices=self._labels_layers, label="predictions")
+        self.predictions.native.setMaximumHeight(PREDICTION_LIST_HEIGHT)  # results stay in view
+        self.truth.changed.connect(self.predictions.reset_choices)
         self.compute = PushButton(text="Compute Dice")
         self.summary = Label(value="", label="summary")
+        self.summary.native.setWordWrap(True)  # long layer names must not widen the dock
         self.table = Table(value=[[]])
         show_rows(self.table)
         self.extend(
@@ -57,9 +64,15 @@ class DiceWidget(Dock):
         )
 
     def _labels_layers(self, *_: Any) -> list[napari.layers.Labels]:
-        """The Labels layers of this dock's viewer (the predictions to choose from)."""
+        """The Labels layers of this dock's viewer but the ground truth (the predictions to
+        choose from)."""
         layers = self._viewer.layers
-        return [layer for layer in layers if isinstance(layer, napari.layers.Labels)]
+        truth = self.truth.value if hasattr(self, "truth") else None
+        return [
+            layer
+            for layer in layers
+            if isinstance(layer, napari.layers.Labels) and layer is not truth
+        ]
 
     def run(self) -> None:
         """Score every chosen prediction (the Compute button); non-zero labels are foreground."""

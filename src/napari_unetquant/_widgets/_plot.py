@@ -104,9 +104,9 @@ class PlotWidget(QWidget):
             )
         if self.log_x and any(self.series.values()):
             axes.set_xscale("log", base=2)
-        if self.series:
+        if len(axes.get_legend_handles_labels()[0]) > 1:  # one series needs no legend
             axes.legend(fontsize=8, loc="best")
-        else:  # no made-up axis range before the first point
+        elif not self.series:  # no made-up axis range before the first point
             axes.set_xticks([])
             axes.set_yticks([])
             axes.text(0.5, 0.5, "no points yet", ha="center", va="center", transform=axes.transAxes)

@@ -68,11 +68,7 @@ class SegmentWidget(Dock):
             value=InferConfig.threshold, min=0.05, max=0.95, step=0.05, label="threshold"
         )
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
-        self.integer = CheckBox(
-            value=False,
-            text="integer arithmetic (CPU)",
-            label="integer",
-        )
+        self.integer = CheckBox(value=False, text="integer arithmetic (CPU)")
         self.integer.tooltip = "int8 codes and int32 accumulators, as integer hardware computes"
         self.run_button = PushButton(text="Segment")
         self.info = Label(value="", label="model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from typing import Any
 
 import napari
 from magicgui.widgets import (
@@ -35,6 +36,27 @@ from ._common import (
 from ._plot import PlotWidget
 
 DEFAULT_SETTINGS = "FP, W8A8, W4A6, W4A4-lsq, W2A4, ternary, binary"
+
+
+TABLE_HEADERS = {
+    "setting": "setting",
+    "validation_dice": "validation Dice",
+    "mean_weight_bits": "bits per weight",
+    "stored_bytes": "stored KiB",
+    "fp32_bytes": "FP32 KiB",
+    "compression": "x smaller",
+    "fine_tuned_from": "fine-tuned from",
+}
+"""The table's headers for the CSV's columns (the CSV keeps its machine-readable names)."""
+
+
+def table_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The sweep's CSV rows as the dock's table shows them: readable headers, sizes in KiB."""
+    columns: dict[str, list[Any]] = {}
+    for key, header in TABLE_HEADERS.items():
+        values = [row[key] for row in rows]
+        columns[header] = [round(v / 1024, 1) for v in values] if key.endswith("_bytes") else values
+    return columns
 
 
 class SweepWidget(TrainingInputs):
@@ -150,8 +172,7 @@ class SweepWidget(TrainingInputs):
             _session.add_model(f"{event.label} (sweep)", event.model)
             self.by_bits.add_point("Dice", event.mean_weight_bits, event.dice, event.label)
             self.by_size.add_point("Dice", event.stored_bytes / 1024, event.dice, event.label)
-            rows = [r.row() for r in self.results]
-            self.table.value = {key: [row[key] for row in rows] for key in rows[0]}
+            self.table.value = table_columns([r.row() for r in self.results])
             self.status.value = f"{event.label}: validation Dice {event.dice:.3f}"
         elif isinstance(event, StepEvent):
             done = self._steps_done + event.step

@@ -84,9 +84,8 @@ class TrainWidget(TrainingInputs):
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="", label="status")
         self.save_path = FileEdit(mode="w", filter="*.safetensors", label="save model to")
-        self.packed = CheckBox(
-            value=True, text="packed: codes at their bit width (small; quantized weights only)"
-        )
+        self.packed = CheckBox(value=True, text="packed (small file; quantized weights only)")
+        self.packed.tooltip = "weight codes at their bit width, BatchNorm folded; untick for float"
         self.save = PushButton(text="Save model", enabled=False)
         self.extend(
             [
