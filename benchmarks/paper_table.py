@@ -350,7 +350,8 @@ def main() -> None:
     rows = summarise(results)
     info = machine()
     caption = (
-        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; "
+        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; per-slice "
+        f"z-score inputs (as the paper); "
         f"FP {args.fp_steps} steps from scratch, quantized rows fine-tuned "
         f"{args.quant_steps} steps from the FP model of "
         f"the same seed (negative points lost: better than FP); training ran as one "

@@ -330,9 +330,39 @@ _DROP = object()
 
 def _odd_value(rng: random.Random) -> Any:
     return rng.choice(
-        (_DROP, None, 0, -1, 1, 2, 3, 5, 17, 2**31, 2**40, 2**63, -(2**63), 1e308, 0.5, True,
-         "", "x", "F16", "I64", "U8", "BOOL", "float", "binary", "packed", [], {}, [0], [1, 2],
-         [2**40, 2**40], {"a": 1})
+        (
+            _DROP,
+            None,
+            0,
+            -1,
+            1,
+            2,
+            3,
+            5,
+            17,
+            2**31,
+            2**40,
+            2**63,
+            -(2**63),
+            1e308,
+            0.5,
+            True,
+            "",
+            "x",
+            "F16",
+            "I64",
+            "U8",
+            "BOOL",
+            "float",
+            "binary",
+            "packed",
+            [],
+            {},
+            [0],
+            [1, 2],
+            [2**40, 2**40],
+            {"a": 1},
+        )
     )
 
 
@@ -477,4 +507,3 @@ def build_targets(seeds: dict[str, Seed]) -> list[Target]:
     ]
     targets += [Target(f"load_model/{name}", seeds[name], check_load_model) for name in MODEL_SEEDS]
     return targets
-

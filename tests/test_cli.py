@@ -461,3 +461,23 @@ def test_local_intensity_normalisation_is_trained_saved_and_segmented_with(
         capsys,
     )
     assert code == 0 and mask.exists()
+
+
+def test_new_models_of_nifti_images_default_to_the_local_z_score(
+    shared_data: Path,
+    trained: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
+) -> None:
+    """The recipe: images with a pixel size (MRI NIfTI) get the local z-score, images without
+    one (the TIFF phantom) the per-slice z-score; an explicit choice wins."""
+    from napari_unetquant.modelio import load_model
+
+    assert load_model(trained).preprocess.intensity == "slice"  # TIFF: no spacing
+    tiny = shared_data / "spinal-gm-tiny"
+    files = (tiny / "t2s.nii.gz", tiny / "t2s_gmseg_manual.nii.gz")
+    for extra, expected in (((), "local"), (("--intensity", "slice"), "slice")):
+        out = tmp_path / f"gm-{expected}.safetensors"
+        code, _, _ = _run(_train_args(files, out, *fast_train, *extra), capsys)
+        assert code == 0 and load_model(out).preprocess.intensity == expected

@@ -84,7 +84,7 @@ def test_training_with_a_preset_carries_its_window_into_the_run_and_the_model(
     assert train.last_model.preprocess.ct_window == (40.0, 400.0)
     # an EM image (0 to 255) holds no air: trained anyway, with a warning that says so
     assert len(warnings_shown) == 1 and "Hounsfield" in warnings_shown[0]
-    assert "'z-score per slice'" in warnings_shown[0] and "--" not in warnings_shown[0]
+    assert "'z-score'" in warnings_shown[0] and "--" not in warnings_shown[0]
 
 
 def test_fine_tuning_refuses_another_intensity_than_its_model_had(

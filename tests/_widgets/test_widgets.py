@@ -52,9 +52,7 @@ DOCKED = {
 
 
 @pytest.mark.parametrize("name", WIDGETS)
-def test_each_widget_docks(
-    make_napari_viewer: Callable[..., Any], qtbot: Any, name: str
-) -> None:
+def test_each_widget_docks(make_napari_viewer: Callable[..., Any], qtbot: Any, name: str) -> None:
     viewer = make_napari_viewer(show=True)
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     assert type(widget).__name__ == DOCKED[name]

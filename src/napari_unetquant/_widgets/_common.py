@@ -159,7 +159,7 @@ CT_PRESETS = {
 """Common CT windows, ``(level, width)`` in Hounsfield units."""
 ZSCORE, CUSTOM = "z-score", "custom"
 INTENSITIES = [
-    ("z-score per slice (MRI, EM)", ZSCORE),
+    ("z-score (MRI, EM)", ZSCORE),
     *((f"CT window: {name} {lw[0]:g}/{lw[1]:g}", name) for name, lw in CT_PRESETS.items()),
     ("CT window: custom level/width", CUSTOM),
 ]
@@ -176,7 +176,11 @@ class IntensityChoice:
 
     def __init__(self) -> None:
         self.intensity = ComboBox(choices=INTENSITIES, value=ZSCORE, label="intensity")
-        self.intensity.tooltip = "z-score: each slice to mean 0, SD 1; CT window: HU clipped to it"
+        self.intensity.tooltip = (
+            "z-score: images with a pixel size (NIfTI, DICOM) get a local z-score in a 10 mm "
+            "neighbourhood (independent of the field of view and the scanner's gain), others "
+            "each slice to mean 0, SD 1; CT window: HU clipped to it"
+        )
         self.level = SpinBox(value=40, min=-2000, max=4000, step=10, label="CT level (HU)")
         self.width = SpinBox(value=400, min=1, max=8000, step=10, label="CT width (HU)")
         self.intensity.changed.connect(self.refresh)

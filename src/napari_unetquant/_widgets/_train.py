@@ -190,8 +190,7 @@ class TrainWidget(TrainingInputs):
         name = f"image {self.image.value.name!r}" if self.image.value is not None else "the image"
         if ct_window is not None and (why := not_hu_warning(image.array, name)):
             show_warning(
-                f"{why}; a CT window suits CT images: for others, choose intensity "
-                f"'z-score per slice'"
+                f"{why}; a CT window suits CT images: for others, choose intensity 'z-score'"
             )
         return lambda: start_training(
             image, labels, quant, config, unet, init, ct_window, foreground_value=value

@@ -19,6 +19,7 @@ from ..errors import SettingError
 from ..events import Event, ValidationEvent
 from ..modelio import SegmentationModel, load_model, save_model
 from ..packed import has_quantized_weights
+from ..recipes import intensity_for
 from ..train import (
     LabelledVolume,
     checkpoint_path,
@@ -125,10 +126,11 @@ def _preprocess(
     if inherited is not None:  # fine-tuning keeps the preprocessing the model was trained with
         return inherited
     spacing = median_spacing(pairs) if job.spacing == AUTO else job.spacing
+    grid = spacing if not isinstance(spacing, str) else None
     return PreprocessConfig(
-        spacing=spacing if not isinstance(spacing, str) else None,
+        spacing=grid,
         ct_window=job.ct_window,
-        intensity=job.intensity or PreprocessConfig.intensity,
+        intensity=job.intensity or intensity_for(grid, job.ct_window),
     )
 
 

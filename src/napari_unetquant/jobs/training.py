@@ -25,6 +25,7 @@ from ..events import Event
 from ..model import build_unet
 from ..modelio import SegmentationModel, check_grey_input, unpacked
 from ..packed import LAYOUT_PACKED, calibrate_batch_norm
+from ..recipes import intensity_for
 from ..train import (
     LabelledVolume,
     SliceSet,
@@ -266,8 +267,9 @@ def start_training(
     mask = labels.astype(np.uint8)
     start = start_network(quant, train.seed, unet, init)
     pairs = split_validation([LabelledVolume(image, mask)])
+    spacing = median_spacing(pairs[0])
     preprocess = start.preprocess or PreprocessConfig(
-        spacing=median_spacing(pairs[0]), ct_window=ct_window
+        spacing=spacing, ct_window=ct_window, intensity=intensity_for(spacing, ct_window)
     )
     run = begin(start, quant, train, pairs, preprocess)
     run.info.update(
