@@ -17,8 +17,9 @@ def zscore(image: np.ndarray) -> np.ndarray:
     return normalised
 
 
-def local_zscore(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Each pixel's z-score against a Gaussian neighbourhood of SD ``sigma`` pixels (float32).
+def local_zscore(image: np.ndarray, sigma: float | tuple[float, float]) -> np.ndarray:
+    """Each pixel's z-score against a Gaussian neighbourhood of SD ``sigma`` pixels (one, or
+    one per axis), as float32.
 
     The local variance gets a tiny floor (:data:`LOCAL_SD_FLOOR` of the image's SD, squared), so
     constant regions (zero padding) give zeros rather than a division by zero."""
@@ -92,7 +93,7 @@ def normalize(
     if config.intensity == "local":
         per_mm = (1 / spacing[0], 1 / spacing[1]) if spacing else (LOCAL_PIXELS_PER_MM,) * 2
         sigma = (config.local_mm * per_mm[0], config.local_mm * per_mm[1])
-        return np.stack([local_zscore(s, sigma) for s in values])  # type: ignore[arg-type]
+        return np.stack([local_zscore(s, sigma) for s in values])
     return np.stack([zscore(s) for s in values])
 
 
