@@ -487,6 +487,10 @@ class TrainConfig:
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
+ENGINES = ("auto", "pytorch", "onnx-float", "onnx-int8")
+"""Inference engines (:attr:`InferConfig.engine`)."""
+
+
 @dataclass(frozen=True)
 class InferConfig:
     """Sliding-window inference: square ``tile`` (2D networks) or ``tile_3d`` boxes (slices,
@@ -498,7 +502,11 @@ class InferConfig:
 
     ``integer`` runs the quantized layers on integer codes with int8 kernels and int32
     accumulators (CPU; see :mod:`napari_unetquant.infer.integer`) instead of the float
-    simulation.
+    simulation: the bit-exact hardware reference.
+
+    ``engine`` runs everything else: ``"auto"`` times the engines that apply on this machine
+    and keeps the fastest (see :mod:`napari_unetquant.infer.engine`), or one of
+    ``"pytorch"``, ``"onnx-float"``, ``"onnx-int8"``.
     """
 
     tile: int = 512
@@ -507,8 +515,11 @@ class InferConfig:
     batch_size: int | None = None
     threshold: float = 0.5
     integer: bool = False
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.tile < 16:
             raise ValueError(f"tile must be at least 16 pixels, got {self.tile}")
         if len(self.tile_3d) != 3 or any(

@@ -17,6 +17,7 @@ SETTINGS = (
     "ct_window",
     "device",
     "elastic",
+    "engine",
     "foreground_value",
     "init",
     "intensity",

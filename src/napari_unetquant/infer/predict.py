@@ -14,6 +14,7 @@ from ..data.io import SliceSource, Volume, volume_source
 from ..data.preprocess import network_spacing, normalize, resize_slices, target_shape
 from ..errors import SettingError
 from ..modelio import SegmentationModel
+from .engine import LOG, LazyEngine, integer_note
 from .integer import IntegerUNet
 
 Window = tuple[int, int, int]  # slice index, top row, left column
@@ -180,6 +181,18 @@ def _parameter_versions(model: nn.Module) -> tuple[int, ...]:
     return tuple(parameter._version for parameter in model.parameters())
 
 
+_NOTED: set[str] = set()
+
+
+def _note_integer_speed() -> None:
+    """Say once per process when the exact integer path is slow on this CPU."""
+    if "integer" not in _NOTED:
+        _NOTED.add("integer")
+        note = integer_note()
+        if note is not None:
+            LOG.warning(note)
+
+
 @torch.no_grad()
 def segment_source(
     bundle: SegmentationModel,
@@ -194,7 +207,8 @@ def segment_source(
     are in-plane, so slice by slice), predicted, and its probabilities resampled back before
     any thresholding. Memory stays a few windows' worth of slices, whatever the image's depth.
     """
-    network: nn.Module | IntegerUNet = bundle.model
+    plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
+    network: Callable[[Tensor], Tensor] = bundle.model
     if config.integer:
         if torch.device(device).type != "cpu":
             raise SettingError(
@@ -204,7 +218,12 @@ def segment_source(
                 "integer",
             )
         network = cached_integer_unet(bundle.model)
-    plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
+        _note_integer_speed()
+    else:
+        _, rows, columns = config.window(spatial_dims(bundle.model))
+        window = (min(rows, plane[0]), min(columns, plane[1]))
+        bundle.model.eval()
+        network = LazyEngine(bundle.model, config.engine, window, device, config.threshold)
     pixel_mm = network_spacing(source.spacing, bundle.preprocess)
 
     def read(start: int, stop: int) -> np.ndarray:

@@ -1,0 +1,339 @@
+"""Which engine runs a model on this machine: chosen by measurement, never by assumption.
+
+Engines (``InferConfig.engine``):
+
+- ``"pytorch"``: the model itself (the quantization-aware simulation, or the packed network);
+  also the only engine for 3D networks and for GPUs.
+- ``"onnx-float"``: ONNX Runtime running the float form of :func:`~.onnx_graph.unet_onnx`
+  (the simulation's arithmetic in ONNX operators, with ONNX Runtime's blocked convolutions).
+- ``"onnx-int8"``: ONNX Runtime running the int8 form (``QLinearConv`` on the codes of every
+  integer layer: MLAS int8 kernels, VNNI where the CPU has it, AVX2 ``vpmaddubsw`` where not).
+- ``"auto"`` (the default): on the CPU, every engine that applies is timed on one window of
+  the shape inference will use (one warm-up and three interleaved rounds, a second or two once
+  per model, window and thread count in a process), and the fastest runs. Without ONNX Runtime
+  installed, or on a GPU, ``auto`` is ``pytorch``.
+
+The choice is logged on the ``napari_unetquant`` logger (the command line prints it). The exact
+integer path (``InferConfig.integer``) is a hardware reference, not an engine to race: where
+the CPU has no fast int8 matrix multiply, :func:`integer_slowdown` measures by how much it is
+slower and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ENGINES
+from ..errors import SettingError
+from ..model.unet import UNet, check_input
+from ..quant.layers import QuantConv2d
+from ..quant.quantizers import FixedPointQuantizer
+
+LOG = logging.getLogger("napari_unetquant")
+
+Network = Callable[[Tensor], Tensor]
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OnnxRuntimeNetwork:
+    """A U-Net run by ONNX Runtime on the CPU, called like the model: ``(N, 1, H, W)`` float32
+    in, logits ``(N, out_classes, H, W)`` float32 out. ``form`` is ``"float"`` or ``"int8"``
+    (see :mod:`.onnx_graph`); ``threads`` defaults to PyTorch's intra-op thread count."""
+
+    def __init__(self, model: nn.Module, form: str, threads: int | None = None) -> None:
+        import onnxruntime
+
+        from .onnx_graph import unet_onnx
+
+        assert isinstance(model, UNet)
+        self.config = model.config
+        self.form = form
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # no warnings on stderr for a working session
+        self.session = onnxruntime.InferenceSession(
+            unet_onnx(model, form).SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        check_input(x, self.config)
+        image = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run(["logits"], {"image": image})
+        return torch.from_numpy(logits)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """What ran and why: ``engine`` and, when it was measured, milliseconds per window of
+    ``window`` (rows, columns) for each candidate."""
+
+    engine: str
+    window: tuple[int, int]
+    milliseconds: dict[str, float]
+    reason: str
+
+    @property
+    def text(self) -> str:
+        """One line for a log or a status bar."""
+        if not self.milliseconds:
+            return f"engine: {self.engine} ({self.reason})"
+        rows, columns = self.window
+        times = ", ".join(f"{name} {ms:.0f} ms" for name, ms in self.milliseconds.items())
+        rejected = self.reason.partition("; ")[2]
+        return (
+            f"engine: {self.engine}, the fastest here per {rows} x {columns} window ({times})"
+            + (f"; {rejected}" if rejected else "")
+        )
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Network, EngineChoice]]]
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(parameter._version for parameter in model.parameters())
+
+
+def has_integer_layers(model: nn.Module) -> bool:
+    """True when some convolution has quantized weights and quantized inputs (what the int8
+    form runs on codes)."""
+    return any(
+        not layer.weight_quantizer.config.is_float and not layer.input_quantizer.config.is_float
+        for layer in model.modules()
+        if isinstance(layer, QuantConv2d)
+    )
+
+
+def candidates(model: nn.Module, device: torch.device | str) -> list[str]:
+    """The engines that can run ``model`` on ``device``, PyTorch first."""
+    names = ["pytorch"]
+    cpu = torch.device(device).type == "cpu"
+    two_d = isinstance(model, UNet) and model.config.spatial_dims == 2
+    if cpu and two_d and onnxruntime_available():
+        names.append("onnx-float")
+        if has_integer_layers(model):
+            names.append("onnx-int8")
+    return names
+
+
+def untrained(model: nn.Module) -> bool:
+    """True when a dynamic fixed-point activation format was never chosen (the network was
+    never run in training mode): only the PyTorch model computes anything for it."""
+    return any(
+        isinstance(q, FixedPointQuantizer) and q.role == "act" and not q.frozen
+        for q in model.modules()
+    )
+
+
+def build_engine(model: nn.Module, engine: str) -> Network:
+    """``model`` run by ``engine`` (not ``"auto"``)."""
+    if engine == "pytorch":
+        return model
+    if engine in ("onnx-float", "onnx-int8"):
+        if not onnxruntime_available():
+            raise SettingError(
+                f"engine {engine} needs ONNX Runtime: pip install onnx onnxruntime, or use the "
+                f"pytorch engine",
+                "engine",
+            )
+        try:
+            return OnnxRuntimeNetwork(model, engine.removeprefix("onnx-"))
+        except SettingError as error:
+            raise SettingError(
+                f"engine {engine} cannot run this model: {error}", "engine"
+            ) from error
+    raise SettingError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}", "engine")
+
+
+AGREEMENT = 0.9999
+"""The share of a window's mask that an ONNX Runtime engine must reproduce (against the PyTorch
+model, at the threshold in use) for ``auto`` to consider it."""
+
+
+@torch.no_grad()
+def _race(
+    networks: dict[str, Network], x: Tensor, rounds: int
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Median milliseconds per call of each network on ``x`` (interleaved rounds after one
+    warm-up call each), and each network's output."""
+    outputs = {name: network(x) for name, network in networks.items()}
+    times: dict[str, list[float]] = {name: [] for name in networks}
+    for _ in range(rounds):
+        for name, network in networks.items():
+            start = time.perf_counter()
+            network(x)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}, outputs
+
+
+def last_choice(model: nn.Module) -> EngineChoice | None:
+    """The engine :func:`select_engine` last chose for ``model`` in this process, if any."""
+    per_model = _CACHE.get(model)
+    return list(per_model.values())[-1][1] if per_model else None
+
+
+class LazyEngine:
+    """:func:`select_engine`'s network, chosen at the first call on that first window (so an
+    image that cannot be read fails before any timing, and the race runs on real data), then
+    called like the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: str,
+        window: tuple[int, int],
+        device: torch.device | str,
+        threshold: float = 0.5,
+    ) -> None:
+        self.config = getattr(model, "config", None)
+        self._arguments = (model, engine, window, device)
+        self._threshold = threshold
+        self._network: Network | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._network is None:
+            self._network, _ = select_engine(*self._arguments, sample=x, threshold=self._threshold)
+        return self._network(x)
+
+
+def select_engine(
+    model: nn.Module,
+    engine: str,
+    window: tuple[int, int],
+    device: torch.device | str = "cpu",
+    rounds: int = 3,
+    sample: Tensor | None = None,
+    threshold: float = 0.5,
+) -> tuple[Network, EngineChoice]:
+    """The network that runs ``model``'s windows of ``window`` (rows, columns) and why.
+
+    ``engine`` ``"auto"`` runs every candidate (:func:`candidates`) on ``sample`` (a window the
+    caller is about to segment; random values when ``None``), drops an ONNX Runtime engine whose
+    mask at ``threshold`` differs from the PyTorch model's on more than 0.01% of its pixels,
+    and keeps the fastest of the rest (median of ``rounds`` interleaved timings). A named
+    engine is used as asked (``SettingError`` when it cannot run here). Choices are kept per
+    model (until its parameters change), window, device, engine and thread count.
+    """
+    if engine not in ENGINES:
+        raise SettingError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}", "engine")
+    model.eval()
+    options = candidates(model, device)
+    if engine != "auto" and engine not in options:
+        raise SettingError(
+            f"engine {engine} cannot run this model here ({_why_not(model, device)}); use one "
+            f"of {', '.join(['auto', *options])}",
+            "engine",
+        )
+    key = (_versions(model), window, str(device), engine, torch.get_num_threads())
+    per_model = _CACHE.setdefault(model, {})
+    if key in per_model:
+        per_model[key] = per_model.pop(key)  # the most recent use last (see last_choice)
+        return per_model[key]
+    if engine != "auto":
+        chosen = (build_engine(model, engine), EngineChoice(engine, window, {}, "asked for"))
+    elif len(options) == 1 or untrained(model):
+        chosen = (model, EngineChoice("pytorch", window, {}, _why_not(model, device)))
+    else:
+        chosen = _measured(model, options, window, rounds, sample, threshold)
+    LOG.info(chosen[1].text)
+    for stale in [k for k in per_model if k[0] != key[0]]:  # the parameters changed since
+        del per_model[stale]
+    per_model[key] = chosen
+    return chosen
+
+
+def _measured(
+    model: nn.Module,
+    options: list[str],
+    window: tuple[int, int],
+    rounds: int,
+    sample: Tensor | None,
+    threshold: float,
+) -> tuple[Network, EngineChoice]:
+    networks: dict[str, Network] = {"pytorch": model}
+    for name in options[1:]:
+        try:
+            networks[name] = build_engine(model, name)
+        except SettingError as error:  # e.g. an activation method ONNX does not express
+            LOG.debug("%s cannot run this model: %s", name, error)
+    if sample is None:
+        channels = model.config.in_channels if isinstance(model, UNet) else 1
+        sample = torch.randn((1, channels, *window), generator=torch.Generator().manual_seed(0))
+    times, outputs = _race(networks, sample, rounds)
+    logit = math.log(threshold / (1 - threshold))
+    reference = outputs["pytorch"].cpu() >= logit
+    rejected = []
+    for name, output in outputs.items():
+        agreement = float(((output.cpu() >= logit) == reference).float().mean())
+        if agreement < AGREEMENT:
+            rejected.append(f"{name} reproduced {100 * agreement:.3f}% of the mask")
+            del times[name]
+    best = min(times, key=times.__getitem__)
+    reason = "measured" + (f"; not {', '.join(rejected)}" if rejected else "")
+    return networks[best], EngineChoice(best, window, times, reason)
+
+
+def _why_not(model: nn.Module, device: torch.device | str) -> str:
+    if torch.device(device).type != "cpu":
+        return f"ONNX Runtime runs here on the CPU only, not {device}"
+    if not (isinstance(model, UNet) and model.config.spatial_dims == 2):
+        return "ONNX export covers 2D U-Nets"
+    if not onnxruntime_available():
+        return "ONNX Runtime is not installed: pip install onnx onnxruntime"
+    if untrained(model):
+        return "an untrained network: its activation formats were never chosen"
+    return "the int8 form needs quantized weights and activations"
+
+
+_SLOWDOWN: dict[str, float] = {}
+
+
+@torch.no_grad()
+def integer_slowdown() -> float:
+    """How many times slower this CPU multiplies int8 matrices (``torch._int_mm``, what the
+    exact integer path uses) than float32 ones of the same shape (a 3x3 convolution of 32
+    channels over a 256 x 256 image), measured once per process."""
+    if "ratio" not in _SLOWDOWN:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randint(-31, 32, (65536, 288), dtype=torch.int8, generator=generator)
+        b = torch.randint(-7, 8, (288, 32), dtype=torch.int8, generator=generator)
+        af, bf = a.float(), b.float()
+        times, _ = _race({"int8": lambda _: torch._int_mm(a, b), "float": lambda _: af @ bf}, a, 3)
+        _SLOWDOWN["ratio"] = times["int8"] / times["float"]
+    return _SLOWDOWN["ratio"]
+
+
+def integer_note() -> str | None:
+    """One line when the exact integer path is slow on this CPU (its int8 matrix multiply is
+    over twice as slow as float32's), else ``None``."""
+    ratio = integer_slowdown()
+    if ratio < 2.0:
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"integer arithmetic is slow on this CPU ({capability}, no fast int8 dot product): its "
+        f"int8 matrix multiply takes {ratio:.1f}x the time of float32's, so the exact integer "
+        f"path runs several times slower than the default engine; it is the bit-exact hardware "
+        f"reference, not the fast path"
+    )
