@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -367,9 +368,10 @@ def test_export_packed_and_integer_then_segment_with_integers(
 
     masks = {}
     for name, model, extra in [
-        ("float", quantized, []),
-        ("packed", packed, []),
+        ("float", quantized, ["--engine", "pytorch"]),
+        ("packed", packed, ["--engine", "pytorch"]),
         ("integer", packed, ["--integer"]),
+        ("auto", packed, []),
     ]:
         out = tmp_path / f"{name}.tif"
         command = ["segment", "--model", str(model), "--image", str(image), "--out", str(out)]
@@ -377,6 +379,7 @@ def test_export_packed_and_integer_then_segment_with_integers(
         masks[name] = tifffile.imread(out)
     assert np.array_equal(masks["packed"], masks["float"])
     assert np.mean(masks["integer"] == masks["float"]) >= 0.9999
+    assert np.mean(masks["auto"] == masks["float"]) >= 0.9999
 
     scores = [
         json.loads(
@@ -481,3 +484,51 @@ def test_new_models_of_nifti_images_default_to_the_local_z_score(
         out = tmp_path / f"gm-{expected}.safetensors"
         code, _, _ = _run(_train_args(files, out, *fast_train, *extra), capsys)
         assert code == 0 and load_model(out).preprocess.intensity == expected
+
+
+def test_onnx_export_runs_in_onnx_runtime_with_the_masks_of_segment(
+    trained: Path,
+    phantom_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fast_train: list[str],
+) -> None:
+    import onnxruntime
+
+    from napari_unetquant.data.io import read_volume
+    from napari_unetquant.data.preprocess import network_input
+    from napari_unetquant.modelio import load_model
+
+    image, _ = phantom_files
+    quantized = tmp_path / "w4a6.safetensors"
+    argv = _train_args(phantom_files, quantized, "--init", str(trained), *fast_train)
+    assert _run([*argv, "--weight-bits", "4", "--act-bits", "6"], capsys)[0] == 0
+    mask_path = tmp_path / "segment.tif"
+    command = ["segment", "--model", str(quantized), "--image", str(image), "--out"]
+    code, _, err = _run([*command, str(mask_path), "--engine", "pytorch"], capsys)
+    assert code == 0 and "engine: pytorch (asked for)" in err
+    expected = tifffile.imread(mask_path)
+
+    bundle = load_model(quantized)
+    slices = network_input(read_volume(image), bundle.preprocess)
+    for form in ("int8", "float"):
+        out = tmp_path / f"w4a6-{form}.onnx"
+        export = ["export", "--model", str(quantized), "--out", str(out), "--format", "onnx"]
+        code, stdout, _ = _run([*export, "--onnx-form", form], capsys)
+        assert code == 0 and f"(ONNX, {form})" in stdout
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        metadata = session.get_modelmeta().custom_metadata_map
+        assert metadata["form"] == form and json.loads(metadata["threshold"]) == 0.5
+        assert json.loads(metadata["preprocess"]) == json.loads(
+            json.dumps(dataclasses.asdict(bundle.preprocess))
+        )
+        (logits,) = session.run(["logits"], {"image": slices[:, None]})
+        probability = 1 / (1 + np.exp(-logits[:, 0]))
+        assert np.mean((probability >= 0.5) == expected) >= 0.9999, form
+
+    code, _, err = _run([*export, "--onnx-form", "float", "--integer"], capsys)
+    assert code == 2 and "disagree" in err
+    code, _, err = _run(
+        ["export", "--model", str(quantized), "--out", "x.st", "--onnx-form", "int8"], capsys
+    )
+    assert code == 2 and "--format onnx only" in err and not Path("x.st").exists()

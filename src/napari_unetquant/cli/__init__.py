@@ -9,6 +9,7 @@ a contract other tools rely on: extend, never rename or drop.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
     command = f"unetquant {args.command}{_rank_tag()}"
+    logger = logging.getLogger("napari_unetquant")
+    handler = _Notes(command)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return int(args.handler(args))
     except (ValueError, OSError) as error:  # user mistakes, bad files: one line, no traceback
@@ -60,6 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        logger.removeHandler(handler)
+
+
+class _Notes(logging.Handler):
+    """The core's notes (which engine runs, a slow integer path) as one line each on stderr."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.INFO)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{self.command}: {record.getMessage()}", file=sys.stderr)
 
 
 def _rank_tag() -> str:

@@ -12,6 +12,7 @@ from .. import demo as demo_job
 from ..config import SPATIAL_DIMS, UNetConfig
 from ..demo import DemoConfig, format_rows
 from ..jobs import export_model
+from ..jobs.exporting import EXPORT_FORMATS, ONNX_FORMS
 from ..model import build_unet
 from ..modelio import SegmentationModel, load_model, save_model
 from ..packed import LAYOUT_PACKED, file_report, has_quantized_weights
@@ -29,14 +30,29 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     info.set_defaults(handler=run_info)
 
     export = commands.add_parser(
-        "export", help="write a packed model file (codes at their bit width), or --integer"
+        "export",
+        help="write a packed model file (codes at their bit width), the integer network, or ONNX",
     )
     export.add_argument("--model", required=True)
     export.add_argument("--out", required=True, metavar="PATH", help="file to write")
     export.add_argument(
         "--integer",
         action="store_true",
-        help="write the integer network for hardware (docs/integer-format.md)",
+        help="write the integer network for hardware (docs/integer-format.md); = --format integer",
+    )
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="packed",
+        help="packed (default), integer, or onnx: a standard ONNX file for ONNX Runtime, "
+        "OpenVINO or TensorRT (docs/deploying.md)",
+    )
+    export.add_argument(
+        "--onnx-form",
+        choices=ONNX_FORMS,
+        default="auto",
+        help="ONNX only: int8 (QLinearConv on the codes; the default for quantized models) or "
+        "float (the simulation in float operators; FP models)",
     )
     export.set_defaults(handler=run_export)
 
@@ -176,7 +192,13 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    written = export_model(args.model, args.out, integer=args.integer)
+    if args.integer and args.format not in ("packed", "integer"):
+        raise ValueError(f"--integer and --format {args.format} disagree: give one of them")
+    if args.onnx_form != "auto" and args.format != "onnx":
+        raise ValueError("--onnx-form applies to --format onnx only")
+    written = export_model(
+        args.model, args.out, integer=args.integer, format=args.format, onnx_form=args.onnx_form
+    )
     print(
         f"wrote {written.path} ({written.layout}): {written.file_bytes / 1024:.1f} KiB "
         f"({written.file_bytes} bytes), {written.ratio:.2f}x smaller than the FP32 state_dict "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import FLOAT_BITS, METHODS, InferConfig, QuantConfig
+from ..config import ENGINES, FLOAT_BITS, METHODS, InferConfig, QuantConfig
 from ..recipes import QuantChoice
 
 OPTIONS = {
@@ -16,6 +16,7 @@ OPTIONS = {
     "intensity": "--intensity",
     "device": "--device",
     "elastic": "--elastic",
+    "engine": "--engine",
     "foreground_value": "--foreground-value",
     "init": "--init",
     "integer": "--integer",
@@ -91,7 +92,15 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--integer",
         action="store_true",
-        help="run quantized layers on integer codes (int8 kernels, int32 accumulators; CPU)",
+        help="run quantized layers on integer codes (int8 kernels, int32 accumulators; CPU): "
+        "the bit-exact hardware reference",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=InferConfig.engine,
+        help="what runs the network: auto (the fastest here, measured once per run), pytorch, "
+        "onnx-float or onnx-int8 (ONNX Runtime)",
     )
 
 
@@ -105,4 +114,5 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
         tile_3d=tuple(args.tile_3d),
         threshold=args.threshold,
         integer=args.integer,
+        engine=args.engine,
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import InferConfig
 from ..errors import SettingError
+from ..infer.engine import has_integer_layers
 from ..infer.export import export_integer
-from ..modelio import load_model, save_model
+from ..infer.onnx_graph import export_onnx
+from ..modelio import SegmentationModel, load_model, save_model
 from ..packed import fp32_state_dict_bytes
 
 
@@ -25,9 +28,30 @@ class Export:
         return self.fp32_file_bytes / self.file_bytes
 
 
-def export_model(model_path: str, out_path: str, *, integer: bool = False) -> Export:
-    """Write a model file's packed form (codes at their bit width, BatchNorm folded), or with
-    ``integer`` its integer network for hardware (``docs/integer-format.md``)."""
+EXPORT_FORMATS = ("packed", "integer", "onnx")
+ONNX_FORMS = ("auto", "int8", "float")
+
+
+def export_model(
+    model_path: str,
+    out_path: str,
+    *,
+    integer: bool = False,
+    format: str = "packed",
+    onnx_form: str = "auto",
+) -> Export:
+    """Write a model file's packed form (codes at their bit width, BatchNorm folded), its
+    integer network for hardware (``integer`` or ``format="integer"``,
+    ``docs/integer-format.md``), or an ONNX file (``format="onnx"``: the int8 form for models
+    with quantized weights and activations unless ``onnx_form`` says ``"float"``)."""
+    if format not in EXPORT_FORMATS:
+        raise SettingError(
+            f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}", "out"
+        )
+    if onnx_form not in ONNX_FORMS:
+        raise SettingError(f"unknown ONNX form {onnx_form!r}; use {', '.join(ONNX_FORMS)}", "out")
+    if integer:
+        format = "integer"
     if Path(out_path).resolve() == Path(model_path).resolve():
         raise SettingError(
             f"the output {out_path} is the model file itself; write the export to a new file "
@@ -35,7 +59,13 @@ def export_model(model_path: str, out_path: str, *, integer: bool = False) -> Ex
             "out",
         )
     bundle = load_model(model_path)
-    if integer:
+    if format == "onnx":
+        form = onnx_form
+        if form == "auto":
+            form = "int8" if has_integer_layers(bundle.model) else "float"
+        export_onnx(bundle.model, out_path, form, onnx_file_metadata(bundle, model_path))
+        layout = f"ONNX, {form}"
+    elif format == "integer":
         info = {"label": bundle.quant.label, "source": Path(model_path).name, **bundle.info}
         export_integer(bundle.model, out_path, info)
         layout = "integer"
@@ -44,3 +74,24 @@ def export_model(model_path: str, out_path: str, *, integer: bool = False) -> Ex
         layout = "packed"
     size = Path(out_path).stat().st_size
     return Export(out_path, layout, size, fp32_state_dict_bytes(bundle.unet))
+
+
+def onnx_file_metadata(bundle: SegmentationModel, model_path: str) -> dict[str, object]:
+    """What an ONNX runtime user needs beside the network: the input's preprocessing, the
+    threshold, the tiling ``segment`` uses, and where the model came from."""
+    infer = InferConfig()
+    return {
+        "source": Path(model_path).name,
+        "label": bundle.quant.label,
+        "unet": asdict(bundle.unet),
+        "preprocess": asdict(bundle.preprocess),
+        "preprocess_text": bundle.preprocess.text,
+        "input": "image (N, 1, H, W) float32: one slice resampled and normalised as "
+        "'preprocess' says; any H and W (padded inside to a multiple of 2**depth)",
+        "output": "logits (N, out_classes, H, W) float32; foreground probability = sigmoid(logits)",
+        "threshold": infer.threshold,
+        "tiling": f"slices larger than {infer.tile} px are cut into {infer.tile} x {infer.tile} "
+        f"windows overlapping by {infer.overlap:.0%}, probabilities blended with Gaussian "
+        f"weights (sigma = tile / 8), as unetquant segment does",
+        "training": bundle.info,
+    }
