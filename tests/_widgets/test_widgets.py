@@ -92,6 +92,7 @@ def test_sample_train_segment_and_dice_end_to_end(
     assert prediction.data.shape == (4, 256, 256)
     assert tuple(prediction.scale) == tuple(viewer.layers["EM phantom"].scale)
     assert "4-bit weights" in segment.info.value
+    assert "engine: " in segment.status.value  # which engine ran (auto: measured), and why
     made_by = prediction.metadata["napari_unetquant_prediction"]
     assert made_by == {"model": "W4A6", "foreground_value": None}
     truth_colour = viewer.layers["EM phantom membranes"].colormap.map([1])

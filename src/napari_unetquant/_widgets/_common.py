@@ -259,6 +259,7 @@ CONTROLS = {
     "ct_window": "intensity",
     "device": "device",
     "elastic": "",
+    "engine": "engine",
     "foreground_value": "foreground value",
     "init": "fine-tune from this session's FP model",
     "intensity": "",

@@ -21,8 +21,9 @@ from magicgui.widgets import (
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_warning
 
-from ..config import InferConfig
+from ..config import ENGINES, InferConfig
 from ..devices import resolve_device
+from ..infer.engine import integer_note, last_choice
 from ..jobs import segment_array
 from ..modelio import SegmentationModel, check_grey_input, load_model
 from ..quant import bit_report
@@ -69,10 +70,19 @@ class SegmentWidget(Dock):
         )
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.integer = CheckBox(value=False, text="integer arithmetic (CPU)")
-        self.integer.tooltip = "int8 codes and int32 accumulators, as integer hardware computes"
+        self.integer.tooltip = (
+            "int8 codes and int32 accumulators, as integer hardware computes: the bit-exact "
+            "reference, slow on CPUs without a fast int8 dot product (the result line says)"
+        )
+        self.engine = ComboBox(choices=ENGINES, value=InferConfig.engine, label="engine")
+        self.engine.tooltip = (
+            "what runs the network: auto times the engines once per model and keeps the "
+            "fastest on this computer; pytorch, or ONNX Runtime in float or int8"
+        )
         self.run_button = PushButton(text="Segment")
         self.info = Label(value="", label="model")
         self.status = Label(value="", label="result")
+        self.status.native.setWordWrap(True)
         self.extend(
             [
                 self.image,
@@ -82,6 +92,7 @@ class SegmentWidget(Dock):
                 self.threshold,
                 self.device,
                 self.integer,
+                self.engine,
                 self.run_button,
                 self.info,
                 self.status,
@@ -89,7 +100,12 @@ class SegmentWidget(Dock):
         )
         self.persist = Persistent(
             "segment",
-            {"threshold": self.threshold, "device": self.device, "integer": self.integer},
+            {
+                "threshold": self.threshold,
+                "device": self.device,
+                "integer": self.integer,
+                "engine": self.engine,
+            },
         )
         self.run_button.clicked.connect(self.run)
         self.model.changed.connect(self._show_intensity)
@@ -136,7 +152,11 @@ class SegmentWidget(Dock):
             layer = self.image.value
             source = layer_source(layer)
             bundle, description = self._bundle()
-            config = InferConfig(threshold=self.threshold.value, integer=self.integer.value)
+            config = InferConfig(
+                threshold=self.threshold.value,
+                integer=self.integer.value,
+                engine=self.engine.value,
+            )
             device = "cpu" if config.integer else str(resolve_device(self.device.value))
         except ValueError as error:
             notify_error(error)
@@ -145,10 +165,16 @@ class SegmentWidget(Dock):
         self.intensity.value = shown_intensity(bundle.preprocess)
         self._check_hu(layer, bundle)
 
-        def work() -> Generator[int, None, tuple[np.ndarray, float]]:
+        def work() -> Generator[int, None, tuple[np.ndarray, float, str]]:
             start = time.perf_counter()
             mask = yield from segment_array(bundle, source, config, device)
-            return mask, time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            if config.integer:
+                how = integer_note() or "exact integer path"
+            else:
+                choice = last_choice(bundle.model)
+                how = choice.text if choice is not None else ""
+            return mask, seconds, how
 
         self.worker = start_worker(
             work,
@@ -177,6 +203,7 @@ class SegmentWidget(Dock):
         bundle: SegmentationModel,
         mask: np.ndarray,
         seconds: float,
+        how: str = "",
     ) -> None:
         mask = mask if layer.ndim == 3 else mask[0]
         suffix = " integer" if self.integer.value else ""
@@ -195,4 +222,6 @@ class SegmentWidget(Dock):
                 color_dict={None: PREDICTION_COLOUR, 0: "transparent", 1: PREDICTION_COLOUR}
             ),
         )
-        self.status.value = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"
+        status = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"
+        self.status.value = f"{status}; {how}" if how else status
+        self.status.tooltip = how
