@@ -15,15 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+"""The ``/proc/cpuinfo`` flags that decide how fast int8 and float kernels run."""
+
+
 def machine() -> dict[str, Any]:
-    """The CPU, core count, torch version and threads, reported beside every figure."""
+    """The CPU (its model, PyTorch's capability and the flags of :data:`FLAGS`), core count,
+    torch version and threads, reported beside every figure: speed depends on them."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        text = cpuinfo.read_text()
+        names = re.findall(r"model name\s*:\s*(.+)", text)
         cpu = names[0].strip() if names else cpu
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+        flags = set(found.group(1).split()) if found else set()
     return {
         "cpu": cpu,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [flag for flag in FLAGS if flag in flags],
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -32,9 +43,10 @@ def machine() -> dict[str, Any]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
+    vnni = "VNNI" if {"avx512_vnni", "avx_vnni"} & set(info["flags"]) else "no VNNI"
     return (
-        f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-        f"({info['threads']} threads), Python {info['python']}"
+        f"{info['cpu']} ({info['capability']}, {vnni}), {info['cores']} cores, "
+        f"torch {info['torch']} ({info['threads']} threads), Python {info['python']}"
     )
 
 
