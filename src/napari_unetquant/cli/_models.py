@@ -44,8 +44,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--format",
         choices=EXPORT_FORMATS,
         default="packed",
-        help="packed (default), integer, or onnx: a standard ONNX file for ONNX Runtime, "
-        "OpenVINO or TensorRT (docs/deploying.md)",
+        help="packed (default), integer, or onnx: a standard ONNX file for ONNX Runtime or "
+        "OpenVINO, the float form for TensorRT (docs/deploying.md)",
     )
     export.add_argument(
         "--onnx-form",

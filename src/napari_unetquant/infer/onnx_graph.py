@@ -16,8 +16,10 @@ for ``alpha < 0`` is ``clamp(Q(alpha * z + beta), lo, Q(beta))``. So each output
 bias ``alpha * bias + beta`` on the accumulator grid) followed by a per-channel ``Max`` and
 ``Min`` on the codes. What ONNX cannot hold exactly is the bias on the accumulator grid (weight
 codes are scaled up so that the grid is fine) and the requantisation's float multiply: a code
-can differ by one where the simulation sits within a rounding error of a half step, which
-moves few pixels of a mask (``benchmarks/cpu_inference.py`` and the tests count them).
+can differ by one where the simulation sits within a rounding error of a half step; on a
+trained network such codes spread through the layers below and move a few tenths of a percent
+of a mask's pixels (``benchmarks/cpu_inference.py`` and the tests count them), so the engine
+choice (:mod:`.engine`) checks masks before it runs this form.
 Layers whose result is upsampled, and the float edge layers, stay float ``Conv``.
 
 Both graphs take ``image`` ``(N, 1, H, W)`` float32 (normalised as the model's preprocessing
