@@ -5,7 +5,10 @@ memory) are written as NIfTI (``.nii.gz``) and segmented from file to file in a 
 per row, as ``unetquant segment`` does: the image is read a few slices at a time and the mask
 written as it is made. Peak resident memory comes from the kernel (``ru_maxrss``): the whole
 process's peak, and what segmentation added above the process with everything imported and the
-model loaded. For comparison, the last rows hold the 300-slice volume and its float32
+model loaded. Every row runs the default engine (``--engine auto``: the fastest measured on
+this CPU, its name in the table) but the integer path's (``--integer``), which runs on the
+smallest stack only: on a CPU without fast int8 kernels (AVX2 alone) it is an order of
+magnitude slower. For comparison, the last row holds the 300-slice volume and its float32
 probabilities whole in memory (``read_volume`` + ``segment_volume`` + ``write_mask``: the
 Python API on arrays).
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import resource
 import subprocess
 import sys
@@ -58,6 +63,15 @@ def synthetic_ct(slices: int) -> Iterator[np.ndarray]:
 def child(model: str, image: str, out: str, integer: bool, whole: bool) -> None:
     bundle = load_model(model)  # what `unetquant segment` loads before it reads the image
     del bundle
+    engines: list[str] = []  # the engine choice, as the command line prints it
+
+    class _Engine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.match(r"engine: ([\w-]+)", record.getMessage())
+            engines.extend(found.groups() if found else ())
+
+    logging.getLogger("napari_unetquant").addHandler(_Engine())
+    logging.getLogger("napari_unetquant").setLevel(logging.INFO)
     baseline = _rss_mib()
     config = InferConfig(integer=integer)
     start = time.perf_counter()
@@ -76,6 +90,7 @@ def child(model: str, image: str, out: str, integer: bool, whole: bool) -> None:
                 "peak_mib": _rss_mib(),
                 "seconds": seconds,
                 "foreground": foreground,
+                "engine": "integer" if integer else (engines[-1] if engines else "pytorch"),
             }
         )
     )
@@ -111,6 +126,7 @@ def _run(
     added = result["peak_mib"] - result["baseline_mib"]
     row = {
         "setting": label,
+        "engine": result["engine"],
         "slices": slices,
         "volume_mib": round(volume, 1),
         "peak_mib": round(result["peak_mib"], 1),
@@ -141,38 +157,13 @@ def measure(sizes: list[int]) -> list[dict[str, object]]:
         for slices in sizes:  # the curve: FP32, streamed
             rows.append(_run(folder, "FP32, streamed", slices, MODELS["FP32"][0], False, False))
         largest = 300 if 300 in sizes else max(sizes)  # the 512 x 512 x 300 volume
+        w4a6 = MODELS["W4A6 packed"][0]
+        rows.append(_run(folder, "W4A6 packed, streamed", largest, w4a6, False, False))
         rows.append(
-            _run(
-                folder,
-                "W4A6 packed, float path, streamed",
-                largest,
-                MODELS["W4A6 packed"][0],
-                False,
-                False,
-            )
-        )
-        rows.append(
-            _run(
-                folder,
-                "W4A6 packed, integer path, streamed",
-                largest,
-                MODELS["W4A6 packed"][0],
-                True,
-                False,
-            )
+            _run(folder, "W4A6 packed, integer path, streamed", min(sizes), w4a6, True, False)
         )
         rows.append(
             _run(folder, "FP32, whole volume in memory", largest, MODELS["FP32"][0], False, True)
-        )
-        rows.append(
-            _run(
-                folder,
-                "W4A6 packed, integer path, whole volume in memory",
-                largest,
-                MODELS["W4A6 packed"][0],
-                True,
-                True,
-            )
         )
     return rows
 
@@ -212,22 +203,23 @@ def plot(rows: list[dict[str, object]]) -> None:
 
 def markdown(rows: list[dict[str, object]], fit: dict[str, float], info: dict[str, object]) -> str:
     lines = [
-        "| setting | slices | volume (MiB) | peak RSS (MiB) | peak / volume | added (MiB) "
-        "| added / volume | time (s) | ms / slice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | engine | slices | volume (MiB) | peak RSS (MiB) | peak / volume "
+        "| added (MiB) | added / volume | time (s) | ms / slice |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['slices']} | {r['volume_mib']} | {r['peak_mib']} | "
-            f"{r['peak_ratio']:.2f} | {r['added_mib']} | {r['added_ratio']:.2f} | "
-            f"{r['seconds']} | {r['ms_per_slice']} |"
+            f"| {r['setting']} | {r['engine']} | {r['slices']} | {r['volume_mib']} | "
+            f"{r['peak_mib']} | {r['peak_ratio']:.2f} | {r['added_mib']} | "
+            f"{r['added_ratio']:.2f} | {r['seconds']} | {r['ms_per_slice']} |"
         )
     lines.append("")
     lines.append(
         f"Synthetic int16 CT stacks (512 x 512 in plane) in `.nii.gz`, segmented to `.nii.gz` "
         f"with a U-Net of base width 16, one fresh process per row. *Peak RSS*: the whole "
         f"process (Python, PyTorch, the model included); *added*: above that process before "
-        f"segmentation. Streamed time fits `{fit['fixed_s']:.2f} s + "
+        f"segmentation. *Engine*: what ran (the default, `--engine auto`, chose it on this "
+        f"CPU; `integer`: `--integer`). Streamed time fits `{fit['fixed_s']:.2f} s + "
         f"{1000 * fit['per_slice_s']:.1f} ms x slices` (R^2 = {fit['r2']:.4f}). "
         f"{machine_line(info)}. Generated by "
         f"`python benchmarks/large_volumes.py`."

@@ -497,8 +497,7 @@ class InferConfig:
     rows, columns; 3D networks), fractional ``overlap``, windows per batch.
 
     ``batch_size`` ``None`` picks 1 on the CPU (larger batches are slower per slice there:
-    their activations leave the cache; ``benchmarks/integer_inference.py`` times both) and 4
-    on GPUs.
+    their activations leave the cache) and 4 on GPUs.
 
     ``integer`` runs the quantized layers on integer codes with int8 kernels and int32
     accumulators (CPU; see :mod:`napari_unetquant.infer.integer`) instead of the float
