@@ -74,8 +74,9 @@ def agreement(dataset: paper_table.Dataset, folder: Path) -> list[dict[str, Any]
         same, agree, total = True, 0, 0
         scores: dict[str, list[SegmentationScores]] = {"float": [], "integer": []}
         for pair in pairs:
-            simulated = segment_volume(bundle, pair.image, InferConfig(), "cpu") >= 0.5
-            from_file = segment_volume(packed, pair.image, InferConfig(), "cpu") >= 0.5
+            simulation = InferConfig(engine="pytorch")  # the model as trained, not ONNX
+            simulated = segment_volume(bundle, pair.image, simulation, "cpu") >= 0.5
+            from_file = segment_volume(packed, pair.image, simulation, "cpu") >= 0.5
             integer = segment_volume(packed, pair.image, InferConfig(integer=True), "cpu") >= 0.5
             same &= bool(np.array_equal(simulated, from_file))
             agree += int((simulated == integer).sum())

@@ -39,6 +39,9 @@ from napari_unetquant.recipes import train_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RUNS = RESULTS / "runs"
+# Dice of the models as trained (PyTorch), whatever engine is fastest on this CPU: the
+# engines' agreement with it is benchmarks/cpu_inference.py's.
+SCORING = InferConfig(engine="pytorch")
 
 # (row label, quantization, runs with every seed?)
 ROWS: list[tuple[str, QuantConfig, bool]] = [
@@ -163,7 +166,7 @@ def _run(
         [p[0] for p in dataset.test],
         [p[1] for p in dataset.test],
         dataset.foreground_value,
-        InferConfig(),
+        SCORING,
         "cpu",
     )
     pooled = SegmentationScores.pooled(scores)
@@ -207,7 +210,7 @@ def evaluate_interior(bundle: Any, dataset: Dataset) -> float:
 
     image_path, label_path = dataset.test[0]
     volume = read_volume(image_path)
-    probabilities = segment_volume(bundle, volume, InferConfig(), "cpu")
+    probabilities = segment_volume(bundle, volume, SCORING, "cpu")
     interior_true = read_volume(label_path).array != 0
     return segmentation_scores(probabilities < 0.5, interior_true).dice_mean
 

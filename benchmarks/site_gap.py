@@ -32,7 +32,6 @@ from torch import nn
 import loso
 import paper_table
 from _common import RESULTS, machine, machine_line, update_readme, write_results
-from napari_unetquant.config import InferConfig
 from napari_unetquant.data.io import read_volume
 from napari_unetquant.data.preprocess import network_input
 from napari_unetquant.infer import segment_volume
@@ -101,7 +100,7 @@ def _subject(bundle: SegmentationModel, volume: str) -> dict[str, Any]:
     image_path, label_path = loso._pair(volume)
     image, truth = read_volume(image_path), read_volume(label_path).array != 0
     with _activation_stats(bundle.model) as stats:
-        probabilities = segment_volume(bundle, image, InferConfig(), "cpu")
+        probabilities = segment_volume(bundle, image, paper_table.SCORING, "cpu")
     dice = segmentation_scores(probabilities >= 0.5, truth).dice_mean
     inputs = network_input(image, bundle.preprocess)
     layers = {key: float(np.mean(values)) for key, values in stats.items()}
