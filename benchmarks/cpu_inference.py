@@ -81,16 +81,22 @@ CHOICES = _Choices()
 
 
 def _race(
-    runs: dict[str, Callable[[], Any]], rounds: int, once: tuple[str, ...] = ()
+    runs: dict[str, Callable[[], Any]],
+    rounds: int,
+    once: tuple[str, ...] = (),
+    outputs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """First-call seconds and median seconds of interleaved rounds, per contender; those in
-    ``once`` run only their first call (their median is that call)."""
+    ``once`` run only their first call (their median is that call). ``outputs`` receives each
+    contender's first result."""
     first = {}
     for name, run in runs.items():
         CHOICES.current = name
         start = time.perf_counter()
-        run()
+        result = run()
         first[name] = time.perf_counter() - start
+        if outputs is not None:
+            outputs[name] = result
         print(f"  warm-up {name}: {first[name]:.1f} s", file=sys.stderr, flush=True)
     CHOICES.current = ""
     times: dict[str, list[float]] = {name: [first[name]] if name in once else [] for name in runs}
@@ -179,8 +185,10 @@ def measure(rounds: int) -> dict[str, Any]:
         if label.startswith("one"):
             end_to_end[label] = _race(runs, rounds)
         else:  # the integer path's stack takes minutes on CPUs without VNNI: timed once
-            end_to_end[label] = _race(runs, max(2, rounds // 2), once=("W4A6, integer path",))
-            masks = {k: run() >= 0.5 for k, run in runs.items()}
+            first: dict[str, Any] = {}
+            once = ("W4A6, integer path",)
+            end_to_end[label] = _race(runs, max(2, rounds // 2), once, first)
+            masks = {k: probabilities >= 0.5 for k, probabilities in first.items()}
     # what --engine auto chose on its first call (the first section's warm-up)
     chosen = {
         model: CHOICES.lines.get(f"{model}, default (auto)", ["(not logged)"])[0]
