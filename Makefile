@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # satisfied (otherwise pip may pull a multi-GB CUDA build); see DEVELOPERS.md.
 TORCH_SPEC ?= torch==2.13.0
 # What napari's Qt tests need on a headless Debian/Ubuntu machine: a virtual X server and the
-# X11/OpenGL libraries Qt's xcb platform loads.
+# X11/OpenGL libraries Qt's xcb platform loads; and a C compiler, which compiles the C export
+# in its tests.
 APT_PACKAGES := xvfb xauth libgl1 libegl1 libfontconfig1 libdbus-1-3 libxkbcommon-x11-0 \
 	libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxcb-render-util0 \
-	libxcb-image0 libxcb-shape0 libxcb-randr0
+	libxcb-image0 libxcb-shape0 libxcb-randr0 gcc libc6-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast lint system-deps screenshots clean

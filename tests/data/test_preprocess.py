@@ -52,6 +52,23 @@ def test_zscore_per_slice_and_ct_window() -> None:
     assert np.allclose(windowed, [[[-1, -1, 0, 1, 1]]])
 
 
+def test_zscore_follows_the_documented_rule_to_the_bit() -> None:
+    """docs/integer-format.md: mean and population SD in float64 (here: exactly, with
+    math.fsum), rounded to float32, then one float32 subtraction and division per pixel."""
+    import math
+
+    from napari_unetquant.data.preprocess import zscore
+
+    image = np.random.default_rng(5).integers(0, 4096, size=(97, 131)).astype(np.uint16)
+    values = [float(v) for v in image.ravel()]
+    mean = math.fsum(values) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    expected = (image.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    assert np.array_equal(zscore(image), expected)
+    per_slice = normalize(image[None], PreprocessConfig())[0]
+    assert np.array_equal(per_slice, expected)
+
+
 def test_nan_pixels_are_refused() -> None:
     with pytest.raises(ValueError, match="NaN or Inf"):
         normalize(np.array([[[1.0, np.inf]]]), PreprocessConfig())

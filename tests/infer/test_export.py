@@ -205,3 +205,44 @@ def test_mixed_layers_export_what_they_compute(override: LayerOverride, tmp_path
     with torch.no_grad():
         simulated = model(x)[0, 0].numpy()
     assert np.mean((simulated > 0) == (expected > 0)) >= 0.999
+
+
+@pytest.mark.parametrize("edges", ["float", "quantized"])
+def test_export_job_carries_deployment_rules_and_names_float_layers(
+    edges: str, tmp_path: Path
+) -> None:
+    """The file holds what a program needs around the network (docs/integer-format.md, "From
+    an image to a mask") and the job says whether it is reproducible bit for bit."""
+    from safetensors import safe_open
+
+    from napari_unetquant.config import PreprocessConfig
+    from napari_unetquant.jobs import export_model
+    from napari_unetquant.modelio import SegmentationModel, save_model
+
+    quant = QuantConfig.from_label("W4A6")
+    if edges == "quantized":
+        quant = dataclasses.replace(quant, edge_layers=())
+    preprocess = PreprocessConfig(ct_window=(40.0, 400.0))
+    unet = UNetConfig(base_width=4, depth=2)
+    model = _model(quant)
+    source = tmp_path / "model.safetensors"
+    save_model(source, SegmentationModel(model, unet, quant, preprocess))
+    out = tmp_path / "net.safetensors"
+    written = export_model(str(source), str(out), format="integer")
+    network, _ = read_integer_network(out)
+    with safe_open(str(out), "np") as opened:
+        metadata = opened.metadata()
+    assert json.loads(metadata["preprocess"])["ct_window"] == [40.0, 400.0]
+    assert "CT window" in metadata["preprocess_text"]
+    assert json.loads(metadata["threshold"]) == 0.5
+    tiling = json.loads(metadata["tiling"])
+    assert tiling == {"tile": 512, "overlap": 0.25, "gaussian_sigma": 64.0, "weight_floor": 1e-3}
+    assert json.loads(metadata["info"])["label"] == "W4A6"
+    (note,) = written.notes
+    if edges == "float":
+        assert not network["all_integer"]
+        assert network["float_layers"] == ["enc1.conv1", "enc1.conv2", "head"]
+        assert "3 of 11 layers compute in float32 (enc1.conv1, enc1.conv2, head)" in note
+    else:
+        assert network["all_integer"] and network["float_layers"] == []
+        assert note.startswith("all 11 layers are integer")

@@ -204,6 +204,8 @@ def run_export(args: argparse.Namespace) -> int:
         f"({written.file_bytes} bytes), {written.ratio:.2f}x smaller than the FP32 state_dict "
         f"file ({written.fp32_file_bytes} bytes)"
     )
+    for note in written.notes:
+        print(note)
     return 0
 
 

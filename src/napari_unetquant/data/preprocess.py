@@ -10,10 +10,16 @@ from .volume import Volume
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
-    """``(image - mean) / std`` as float32 (a constant image becomes zeros)."""
+    """``(image - mean) / std`` as float32 (a constant image becomes zeros).
+
+    The mean and the population SD are accumulated in float64 and rounded to float32, then
+    ``(v - mean) / std`` is one float32 subtraction and one float32 division per pixel: a
+    definition another program reproduces to the bit (a float32 running sum depends on the
+    summation order; ``docs/integer-format.md`` states this rule for hardware ports)."""
     values = np.asarray(image, dtype=np.float32)
-    std = float(values.std())
-    normalised: np.ndarray = (values - float(values.mean())) / np.float32(std if std > 0 else 1.0)
+    mean = np.float32(values.mean(dtype=np.float64))
+    std = np.float32(values.std(dtype=np.float64))
+    normalised: np.ndarray = (values - mean) / (std if std > 0 else np.float32(1.0))
     return normalised
 
 

@@ -80,21 +80,33 @@ def integer_file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str
     description = {
         "unet": asdict(net.config),
         "upsample_extra_bits": UPSAMPLE_EXTRA_BITS,
+        "all_integer": all(conv.integer for conv in net.convs.values()),
+        "float_layers": [name for name, conv in net.convs.items() if not conv.integer],
         "layers": layers,
     }
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, description
 
 
-def export_integer(model: nn.Module, path: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s integer network to ``path`` (atomically)."""
+def export_integer(
+    model: nn.Module,
+    path: str | Path,
+    info: dict[str, Any] | None = None,
+    deployment: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``model``'s integer network to ``path`` (atomically) and return its description.
+
+    ``deployment`` holds what a runtime needs beside the network (the input's preprocessing,
+    the threshold, the tiling; see ``docs/integer-format.md``): each entry becomes a metadata
+    entry of the file, JSON text unless it is a string."""
     from safetensors.torch import save_file
 
     tensors, description = integer_file_contents(model)
-    metadata = {
-        "format": INTEGER_FORMAT,
-        "version": str(INTEGER_VERSION),
-        "network": json.dumps(description),
-        "info": json.dumps(info or {}),
-    }
+    entries = {"network": description, "info": info or {}, **(deployment or {})}
+    metadata = {"format": INTEGER_FORMAT, "version": str(INTEGER_VERSION)}
+    for key, value in entries.items():
+        if key in metadata:
+            raise ValueError(f"metadata entry {key!r} is the file's own")
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
     with atomic_path(Path(path)) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+    return description

@@ -29,11 +29,14 @@ def window_starts(size: int, tile: int, overlap: float) -> list[int]:
     return [*starts, size - tile]
 
 
+GAUSSIAN_FLOOR = 1e-3
+
+
 def gaussian_weights(tile: int) -> np.ndarray:
     """``(tile,)`` blending profile, highest in the centre, never zero at the border."""
     positions = np.arange(tile) - (tile - 1) / 2
     profile = np.exp(-(positions**2) / (2 * (tile / 8) ** 2))
-    floored: np.ndarray = np.maximum(profile / profile.max(), 1e-3).astype(np.float32)
+    floored: np.ndarray = np.maximum(profile / profile.max(), GAUSSIAN_FLOOR).astype(np.float32)
     return floored
 
 

@@ -10,6 +10,7 @@ from ..errors import SettingError
 from ..infer.engine import has_integer_layers
 from ..infer.export import export_integer
 from ..infer.onnx_graph import export_onnx
+from ..infer.predict import GAUSSIAN_FLOOR
 from ..modelio import SegmentationModel, load_model, save_model
 from ..packed import fp32_state_dict_bytes
 
@@ -22,6 +23,7 @@ class Export:
     layout: str
     file_bytes: int
     fp32_file_bytes: int
+    notes: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -59,6 +61,7 @@ def export_model(
             "out",
         )
     bundle = load_model(model_path)
+    notes: tuple[str, ...] = ()
     if format == "onnx":
         form = onnx_form
         if form == "auto":
@@ -67,31 +70,59 @@ def export_model(
         layout = f"ONNX, {form}"
     elif format == "integer":
         info = {"label": bundle.quant.label, "source": Path(model_path).name, **bundle.info}
-        export_integer(bundle.model, out_path, info)
+        description = export_integer(bundle.model, out_path, info, deployment_metadata(bundle))
         layout = "integer"
+        notes = _float_layer_notes(description["float_layers"], len(description["layers"]))
     else:
         save_model(out_path, bundle, packed=True)
         layout = "packed"
     size = Path(out_path).stat().st_size
-    return Export(out_path, layout, size, fp32_state_dict_bytes(bundle.unet))
+    return Export(out_path, layout, size, fp32_state_dict_bytes(bundle.unet), notes)
+
+
+def _float_layer_notes(float_layers: list[str], count: int) -> tuple[str, ...]:
+    """What the user must know when an integer network keeps float layers."""
+    if not float_layers:
+        return (f"all {count} layers are integer: the file is reproducible bit for bit",)
+    return (
+        f"{len(float_layers)} of {count} layers compute in float32 ({', '.join(float_layers)}): "
+        f"other programs reproduce them only to float rounding, so a few output codes and "
+        f"mask pixels can differ; a model trained with its edge layers quantized has none",
+    )
+
+
+def deployment_metadata(bundle: SegmentationModel) -> dict[str, object]:
+    """What a runtime needs beside the network, the same in every export: the input's
+    preprocessing, the threshold and the tiling ``unetquant segment`` uses
+    (``docs/integer-format.md`` defines each rule exactly)."""
+    infer = InferConfig()
+    return {
+        "preprocess": asdict(bundle.preprocess),
+        "preprocess_text": bundle.preprocess.text,
+        "threshold": infer.threshold,
+        "threshold_text": f"foreground where sigmoid(logit), in float32, is >= {infer.threshold}",
+        "tiling": {
+            "tile": infer.tile,
+            "overlap": infer.overlap,
+            "gaussian_sigma": infer.tile / 8,
+            "weight_floor": GAUSSIAN_FLOOR,
+        },
+        "tiling_text": f"slices larger than {infer.tile} px are cut into {infer.tile} x "
+        f"{infer.tile} windows overlapping by at least {infer.overlap:.0%}, probabilities "
+        f"blended with Gaussian weights (sigma = tile / 8), as unetquant segment does",
+    }
 
 
 def onnx_file_metadata(bundle: SegmentationModel, model_path: str) -> dict[str, object]:
-    """What an ONNX runtime user needs beside the network: the input's preprocessing, the
-    threshold, the tiling ``segment`` uses, and where the model came from."""
-    infer = InferConfig()
+    """What an ONNX runtime user needs beside the network (:func:`deployment_metadata`), the
+    input and output, and where the model came from."""
     return {
         "source": Path(model_path).name,
         "label": bundle.quant.label,
         "unet": asdict(bundle.unet),
-        "preprocess": asdict(bundle.preprocess),
-        "preprocess_text": bundle.preprocess.text,
+        **deployment_metadata(bundle),
         "input": "image (N, 1, H, W) float32: one slice resampled and normalised as "
         "'preprocess' says; any H and W (padded inside to a multiple of 2**depth)",
         "output": "logits (N, out_classes, H, W) float32; foreground probability = sigmoid(logits)",
-        "threshold": infer.threshold,
-        "tiling": f"slices larger than {infer.tile} px are cut into {infer.tile} x {infer.tile} "
-        f"windows overlapping by {infer.overlap:.0%}, probabilities blended with Gaussian "
-        f"weights (sigma = tile / 8), as unetquant segment does",
         "training": bundle.info,
     }
