@@ -206,7 +206,7 @@ def test_fine_tuning_keeps_the_source_settings(
     )
     code, _, err = _run([*base, "--base-width", "8"], capsys)
     assert code == 2 and "was trained with network" in err
-    assert "(option --base-width/--depth/--spatial-dims)" in err
+    assert "(option --base-width/--depth/--spatial-dims/--upsample)" in err
     code, _, err = _run([*base, "--foreground-value", "1"], capsys)
     assert code == 2 and "foreground value non-zero; leave these unset" in err
     assert err.endswith("(option --foreground-value)\n")

@@ -101,7 +101,7 @@ def test_fine_tuning_a_3d_model_keeps_it_3d(
 ) -> None:
     flat = ["--spatial-dims", "2", "--init", str(model_3d)]
     code, _, err = _run(_train(shared_data, tmp_path / "x.safetensors", *flat), capsys)
-    assert code == 2 and "(option --base-width/--depth/--spatial-dims)" in err
+    assert code == 2 and "(option --base-width/--depth/--spatial-dims/--upsample)" in err
 
 
 def test_bits_of_a_3d_unet(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ NATURAL_BITS = {"float": FLOAT_BITS, "ternary": 2, "binary": 1}
 """Methods whose stored width is fixed by what they are; the others take 2 to 8 bits."""
 DYNAMIC_RULES = ("max", "mse")
 SPATIAL_DIMS = (2, 3)
+UPSAMPLE_MODES = ("bilinear", "nearest")
 _FORMAT_RE = re.compile(r"^Q(-?\d+)\.(-?\d+)$")
 _LABEL_RE = re.compile(r"^W(\d+)A(\d+)(?:-(fixed|lsq))?$", re.IGNORECASE)
 
@@ -303,11 +304,15 @@ class UNetConfig:
 
     Encoder level ``k`` (1-based) has ``base_width * 2**(k-1)`` channels; ``depth`` is the number
     of pooling levels (the paper: 3, widths 64-128-256, bottleneck 256). The bottleneck keeps the
-    deepest encoder width; each decoder level upsamples bilinearly, concatenates the skip and
+    deepest encoder width; each decoder level upsamples by 2, concatenates the skip and
     returns to that level's width. ``out_classes`` logits come from a final 3x3 convolution.
     ``spatial_dims`` 2 (the paper's, and the default) takes slices ``(N, C, H, W)``; 3 takes
     volumes ``(N, C, D, H, W)`` with 3x3x3 convolutions, pooling by 2 along every axis and
     trilinear upsampling.
+
+    ``upsample`` is ``"bilinear"`` (the paper's; trilinear in 3D) or ``"nearest"`` (each value
+    repeated 2 x 2): the variant FPGA tool flows such as hls4ml implement, and on integer codes
+    a copy with no rounding at all.
     """
 
     in_channels: int = 1
@@ -317,8 +322,14 @@ class UNetConfig:
     dropout: float = 0.0
     bn_momentum: float = 0.1
     spatial_dims: int = 2
+    upsample: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(
+                f"UNetConfig.upsample must be one of {', '.join(UPSAMPLE_MODES)}, got "
+                f"{self.upsample!r}"
+            )
         for name in ("in_channels", "out_classes", "base_width", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -29,7 +29,7 @@ def read_integer_network(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
     length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + length])
     metadata = header.pop("__metadata__")
-    assert metadata["format"] == "napari-unetquant-integer" and metadata["version"] == "1"
+    assert metadata["format"] == "napari-unetquant-integer" and metadata["version"] == "2"
     base = 8 + length
     tensors = {}
     for name, entry in header.items():
@@ -128,7 +128,10 @@ def reference_logits(network: dict[str, Any], t: dict[str, np.ndarray], image: n
     for level in range(depth, 0, -1):
         consumer = f"dec{level}.conv1"
         fmt = layers[consumer]["input"]
-        up = upsample(below, network["upsample_extra_bits"], fmt)
+        if network["upsample"] == "nearest":  # a 2 x 2 repeat of codes (or of float values)
+            up = below.repeat(2, axis=0).repeat(2, axis=1)
+        else:
+            up = upsample(below, network["upsample_extra_bits"], fmt)
         if up.dtype.kind == "f" and fmt is not None:
             up = quantize(up, fmt)
         x = np.concatenate([up, skips[level - 1]], axis=2)
@@ -141,8 +144,12 @@ def reference_logits(network: dict[str, Any], t: dict[str, np.ndarray], image: n
 # --- the tests -------------------------------------------------------------------------------
 
 
-def _model(quant: QuantConfig) -> torch.nn.Module:
-    model = build_unet(UNetConfig(base_width=4, depth=2), quant).train()
+
+
+def tiny_trained_unet(quant: QuantConfig, upsample: str = "bilinear") -> torch.nn.Module:
+    """A tiny U-Net given a few optimisation steps: formats chosen, BatchNorm not initial."""
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(base_width=4, depth=2, upsample=upsample), quant).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(5):
         loss = (model(torch.randn(4, 1, 32, 32)) - 1).pow(2).mean()
@@ -152,13 +159,26 @@ def _model(quant: QuantConfig) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("label", ["W4A6", "Q0.4/Q6.0", "W3A4-lsq"])
-def test_reference_reader_computes_the_same_integer_network(label: str, tmp_path: Path) -> None:
-    model = _model(dataclasses.replace(QuantConfig.from_label(label), edge_layers=()))
+@pytest.mark.parametrize(
+    ("label", "upsample"),
+    [
+        ("W4A6", "bilinear"),
+        ("Q0.4/Q6.0", "bilinear"),
+        ("W3A4-lsq", "bilinear"),
+        ("W4A6", "nearest"),
+    ],
+)
+def test_reference_reader_computes_the_same_integer_network(
+    label: str, upsample: str, tmp_path: Path
+) -> None:
+    quant = dataclasses.replace(QuantConfig.from_label(label), edge_layers=())
+    model = tiny_trained_unet(quant, upsample)
     path = tmp_path / "net.safetensors"
     export_integer(model, path, {"label": label})
     network, tensors = read_integer_network(path)
     assert all(layer["integer"] for layer in network["layers"])
+    assert network["upsample"] == upsample
+    assert network["upsample_extra_bits"] == (16 if upsample == "bilinear" else 0)
     image = np.random.default_rng(1).normal(size=(28, 36)).astype(np.float32)
     expected = IntegerUNet(model)(torch.from_numpy(image)[None, None])[0, 0].numpy()
     logits = reference_logits(network, tensors, image)
@@ -167,7 +187,7 @@ def test_reference_reader_computes_the_same_integer_network(label: str, tmp_path
 
 
 def test_default_model_exports_float_edge_layers(tmp_path: Path) -> None:
-    model = _model(QuantConfig.from_label("W4A6"))
+    model = tiny_trained_unet(QuantConfig.from_label("W4A6"))
     path = tmp_path / "net.safetensors"
     export_integer(model, path)
     network, tensors = read_integer_network(path)
@@ -193,7 +213,7 @@ def test_default_model_exports_float_edge_layers(tmp_path: Path) -> None:
 )
 def test_mixed_layers_export_what_they_compute(override: LayerOverride, tmp_path: Path) -> None:
     quant = dataclasses.replace(QuantConfig.from_label("W4A6"), overrides=(override,))
-    model = _model(quant)
+    model = tiny_trained_unet(quant)
     path = tmp_path / "net.safetensors"
     export_integer(model, path)
     network, tensors = read_integer_network(path)
@@ -224,7 +244,7 @@ def test_export_job_carries_deployment_rules_and_names_float_layers(
         quant = dataclasses.replace(quant, edge_layers=())
     preprocess = PreprocessConfig(ct_window=(40.0, 400.0))
     unet = UNetConfig(base_width=4, depth=2)
-    model = _model(quant)
+    model = tiny_trained_unet(quant)
     source = tmp_path / "model.safetensors"
     save_model(source, SegmentationModel(model, unet, quant, preprocess))
     out = tmp_path / "net.safetensors"

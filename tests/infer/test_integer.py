@@ -60,7 +60,9 @@ def test_fast_requantization_equals_the_int64_reference_over_the_whole_range() -
     assert checked >= 12
 
 
-def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
+def _power_of_two_network(
+    edge_layers: tuple[str, ...], upsample: str = "bilinear"
+) -> torch.nn.Module:
     """A U-Net whose every scale is a power of two: weights Q1.2, activations Q5.0, BatchNorm
     scales +-2**k, shifts and biases on a 1/4 grid. Every float sum is then exact, in the
     simulation as in integers."""
@@ -69,7 +71,7 @@ def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
         act=QuantizerConfig.from_format("Q5.0"),
         edge_layers=edge_layers,
     )
-    model = build_unet(UNetConfig(base_width=4, depth=2), quant).eval()
+    model = build_unet(UNetConfig(base_width=4, depth=2, upsample=upsample), quant).eval()
     generator = torch.Generator().manual_seed(3)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConv2d) and module.bias is not None:
@@ -88,11 +90,12 @@ def _power_of_two_network(edge_layers: tuple[str, ...]) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 @pytest.mark.parametrize("edge_layers", [("enc1.*", "head"), ()], ids=["float-edges", "all"])
 def test_exactly_the_simulated_model_where_scales_are_powers_of_two(
-    edge_layers: tuple[str, ...],
+    edge_layers: tuple[str, ...], upsample: str
 ) -> None:
-    model = _power_of_two_network(edge_layers)
+    model = _power_of_two_network(edge_layers, upsample)
     x = torch.randn(2, 1, 36, 44) * 3
     with torch.no_grad():
         expected = model(x)

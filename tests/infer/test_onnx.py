@@ -33,13 +33,14 @@ SETTINGS = {
 
 
 def calibrated(
-    quant: QuantConfig, seed: int = 0, width: int = 8, depth: int = 3
+    quant: QuantConfig, seed: int = 0, width: int = 8, depth: int = 3, upsample: str = "bilinear"
 ) -> torch.nn.Module:
     """A U-Net whose activation formats and BatchNorm statistics were set by a few training
     passes, with BatchNorm scales of both signs and one channel scaled to zero (the int8 form's
     three cases)."""
     torch.manual_seed(seed)
-    model = build_unet(UNetConfig(base_width=width, depth=depth), quant).train()
+    unet = UNetConfig(base_width=width, depth=depth, upsample=upsample)
+    model = build_unet(unet, quant).train()
     with torch.no_grad():
         for _ in range(4):
             model(torch.randn(2, 1, 64, 64))
@@ -73,6 +74,26 @@ def test_both_forms_compute_the_simulation(label: str, form: str) -> None:
     else:  # a code may differ by one where the simulation lies within the bias's rounding
         # error (under 1/500 of a step) of half a step; an untrained network's logits hug 0,
         # so this moves some of its signs (auto checks each model on real data)
+        assert np.mean((got > 0) == (expected > 0)) >= 0.98
+
+
+@pytest.mark.parametrize("form", ["float", "int8"])
+def test_nearest_upsampling_exports_as_a_2x2_repeat(form: str) -> None:
+    model = calibrated(SETTINGS["W4A6"], upsample="nearest")
+    x = torch.randn(1, 1, 45, 70)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    proto = unet_onnx(model, form)
+    resizes = [
+        {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for node in proto.graph.node
+        if node.op_type == "Resize"
+    ]
+    assert len(resizes) == 3 and all(r["mode"] == b"nearest" for r in resizes)
+    got = run(proto, x)
+    if form == "float":
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-5), np.abs(got - expected).max()
+    else:
         assert np.mean((got > 0) == (expected > 0)) >= 0.98
 
 

@@ -142,6 +142,7 @@ def test_state_dict_round_trip_reproduces_outputs_exactly(quant: QuantConfig) ->
         ({"depth": 7}, "too deep"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"bn_momentum": 0.0}, "bn_momentum must be in"),
+        ({"upsample": "bicubic"}, "upsample must be one of bilinear, nearest"),
     ],
 )
 def test_configuration_errors(kwargs: dict[str, object], message: str) -> None:

@@ -14,7 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from ..config import INTENSITY_NORMALISATIONS, LOSSES, SPATIAL_DIMS, TrainConfig, UNetConfig
+from ..config import (
+    INTENSITY_NORMALISATIONS,
+    LOSSES,
+    SPATIAL_DIMS,
+    UPSAMPLE_MODES,
+    TrainConfig,
+    UNetConfig,
+)
 from ..events import StepEvent, ValidationEvent
 from ..jobs import TrainJob, train_model
 from ..modelio import read_metadata
@@ -92,6 +99,12 @@ def _add_network_arguments(train: argparse.ArgumentParser) -> None:
         "--crop) patches of whole volumes",
     )
     train.add_argument(
+        "--upsample",
+        choices=UPSAMPLE_MODES,
+        help="decoder upsampling: bilinear (the paper's, default) or nearest (a 2 x 2 repeat: "
+        "what hls4ml and other FPGA flows implement; docs/deploying.md)",
+    )
+    train.add_argument(
         "--spacing",
         type=_spacing,
         default="auto",
@@ -158,10 +171,21 @@ def _spacing(text: str) -> tuple[float, float] | str | None:
 
 def unet_from_args(args: argparse.Namespace) -> UNetConfig | None:
     """The network the options ask for; ``None`` when none is asked for (default or --init's)."""
-    if args.base_width is None and args.depth is None and args.spatial_dims is None:
+    chosen = {
+        "base_width": args.base_width,
+        "depth": args.depth,
+        "spatial_dims": args.spatial_dims,
+        "upsample": args.upsample,
+    }
+    if all(value is None for value in chosen.values()):
         return None
-    chosen = {"base_width": args.base_width, "depth": args.depth, "spatial_dims": args.spatial_dims}
-    return replace(UNetConfig(), **{k: v for k, v in chosen.items() if v is not None})
+    base = UNetConfig()
+    if args.init:  # a fine-tune: what is not set is its model's (a conflict is then a real one)
+        unet = read_metadata(args.init).get("unet")
+        if isinstance(unet, dict):  # a network this version cannot build: the job reports it
+            with contextlib.suppress(TypeError, ValueError):
+                base = UNetConfig(**unet)
+    return replace(base, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:

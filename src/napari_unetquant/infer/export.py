@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from ..data.io import atomic_path
 from ..quant.codes import weight_codes
 from .integer import IntegerUNet
-from .integer_ops import UPSAMPLE_EXTRA_BITS, ActFormat
+from .integer_ops import ActFormat
 
 INTEGER_FORMAT = "napari-unetquant-integer"
-INTEGER_VERSION = 1
+INTEGER_VERSION = 2  # 2: upsampling mode, deployment rules, all_integer
 
 
 def _format_json(fmt: ActFormat | None) -> dict[str, Any] | None:
@@ -36,7 +36,8 @@ def _format_json(fmt: ActFormat | None) -> dict[str, Any] | None:
 def integer_file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """What :func:`export_integer` writes: the tensors of ``model``'s integer network
     (``{name: tensor}``, on the CPU, contiguous) and its description (a JSON-able dict with
-    ``"unet"``, ``"upsample_extra_bits"`` and ``"layers"``; see ``docs/integer-format.md``)."""
+    ``"unet"``, ``"upsample"``, ``"upsample_extra_bits"``, ``"all_integer"``, ``"float_layers"``
+    and ``"layers"``; see ``docs/integer-format.md``)."""
     net = IntegerUNet(model)
     tensors: dict[str, Tensor] = {}
     layers = []
@@ -79,7 +80,8 @@ def integer_file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str
         layers.append(entry)
     description = {
         "unet": asdict(net.config),
-        "upsample_extra_bits": UPSAMPLE_EXTRA_BITS,
+        "upsample": net.config.upsample,
+        "upsample_extra_bits": net.upsample_extra_bits,
         "all_integer": all(conv.integer for conv in net.convs.values()),
         "float_layers": [name for name, conv in net.convs.items() if not conv.integer],
         "layers": layers,

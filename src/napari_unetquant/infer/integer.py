@@ -12,7 +12,8 @@ to, this is exact; elsewhere a layer's largest multiplier keeps 30 significant b
 for a layer whose accumulators could exceed ``2**22``; smaller channels of the layer keep fewer).
 
 Bilinear upsampling runs on codes with 16 extra fractional bits (weights 1/16, 3/16, 9/16 are
-exact), max pooling on codes (quantization is monotone, so they commute). Layers kept at full
+exact), nearest-neighbour upsampling (``UNetConfig.upsample``) copies codes, max pooling runs
+on codes (quantization is monotone, so they commute). Layers kept at full
 precision (by default the first block and the final convolution) run in float32, exactly as in
 the quantization-aware model; the integer codes are converted at their boundaries.
 
@@ -88,6 +89,12 @@ class IntegerUNet:
     def integer_layers(self) -> list[str]:
         return [name for name, conv in self.convs.items() if conv.integer]
 
+    @property
+    def upsample_extra_bits(self) -> int:
+        """Extra fractional bits of the codes that are upsampled: bilinear weights need them,
+        nearest-neighbour upsampling copies codes (none)."""
+        return UPSAMPLE_EXTRA_BITS if self.config.upsample == "bilinear" else 0
+
     def _spec(self, consumer: str, extra: int = 0) -> Spec:
         fmt = self.convs[consumer].input_format if consumer in self.convs else None
         return (consumer, fmt, extra if fmt is not None else 0)
@@ -103,11 +110,10 @@ class IntegerUNet:
             after = f"enc{level + 1}.conv1" if level < depth else "bottleneck.conv1"
             outputs[f"enc{level}.conv2"] = [self._spec(after), self._spec(f"dec{level}.conv1")]
         upsampled = f"dec{depth}.conv1"
-        outputs["bottleneck.conv2"] = [self._spec(upsampled, UPSAMPLE_EXTRA_BITS)]
+        extra = self.upsample_extra_bits
+        outputs["bottleneck.conv2"] = [self._spec(upsampled, extra)]
         for level in range(depth, 1, -1):
-            outputs[f"dec{level}.conv2"] = [
-                self._spec(f"dec{level - 1}.conv1", UPSAMPLE_EXTRA_BITS)
-            ]
+            outputs[f"dec{level}.conv2"] = [self._spec(f"dec{level - 1}.conv1", extra)]
         outputs["dec1.conv2"] = [self._spec("head")]
         outputs["head"] = [("logits", None, 0)]
         return outputs
@@ -143,14 +149,21 @@ class IntegerUNet:
     def _join(self, below: Tensor | Codes, skip: Tensor | Codes, consumer: str) -> Tensor | Codes:
         """``cat(upsample(below), skip)`` in the consumer's input representation."""
         fmt = self.convs[consumer].input_format
+        nearest = self.config.upsample == "nearest"
         if fmt is None or not isinstance(below, Codes):
             up = as_float(below)
-            up = F.interpolate(up, scale_factor=2, mode="bilinear", align_corners=False)
+            if nearest:
+                up = F.interpolate(up, scale_factor=2, mode="nearest")
+            else:
+                up = F.interpolate(up, scale_factor=2, mode="bilinear", align_corners=False)
             joined = torch.cat([up, as_float(skip)], dim=1)
             if fmt is None:
                 return joined
             return Codes(fmt.codes(joined), fmt)
-        up_codes = upsample_codes(below, fmt, self._buffer, f"{consumer}.upsampled")
+        if nearest:  # codes in the consumer's format already: each one repeated 2 x 2
+            up_codes = below.values.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        else:
+            up_codes = upsample_codes(below, fmt, self._buffer, f"{consumer}.upsampled")
         assert isinstance(skip, Codes)
         n, h, w, _ = up_codes.shape
         channels = up_codes.shape[3] + skip.values.shape[3]

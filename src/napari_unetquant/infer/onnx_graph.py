@@ -303,14 +303,16 @@ class _UNetGraph:
         for level in range(depth, 0, -1):
             consumer = f"dec{level}.conv1"
             scales = g.constant(np.array([1, 1, 2, 2], np.float32), "scales")
+            # nearest: output pixel i reads input pixel floor(i / 2), a 2 x 2 repeat
+            resize = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+            if self.model.config.upsample == "nearest":
+                resize = {
+                    "mode": "nearest",
+                    "coordinate_transformation_mode": "asymmetric",
+                    "nearest_mode": "floor",
+                }
             up = _Tensor(
-                g.op(
-                    "Resize",
-                    [self.as_float(x).name, "", scales],
-                    "upsampled",
-                    mode="linear",
-                    coordinate_transformation_mode="half_pixel",
-                )
+                g.op("Resize", [self.as_float(x).name, "", scales], "upsampled", **resize)
             )
             parts = [up, skips[level - 1]]
             fmt = self.formats[consumer]

@@ -205,7 +205,10 @@ class UNet(nn.Module):
         fast = self.fast_inference and not self.training and not torch.is_grad_enabled()
         volumetric = self.config.spatial_dims == 3
         pool = F.max_pool3d if volumetric else F.max_pool2d
-        mode = "trilinear" if volumetric else "bilinear"
+        mode = self.config.upsample
+        if mode == "bilinear" and volumetric:
+            mode = "trilinear"
+        corners = None if mode == "nearest" else False
         x = _pad_to_multiple(x, self.config.size_multiple)
         skips = []
         for level in range(1, self.config.depth + 1):
@@ -215,7 +218,7 @@ class UNet(nn.Module):
         x = self._run_block("bottleneck", x, fast)
         for level in range(self.config.depth, 0, -1):
             skip = skips[level - 1]
-            x = F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=False)
+            x = F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=corners)
             x = self._run_block(f"dec{level}", torch.cat([x, skip], dim=1), fast)
         logits: Tensor = self.head(x)
         crop = tuple(slice(0, extent) for extent in size)
