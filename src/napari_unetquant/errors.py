@@ -20,6 +20,7 @@ SETTINGS = (
     "engine",
     "foreground_value",
     "init",
+    "input_size",
     "intensity",
     "integer",
     "labels_dir",

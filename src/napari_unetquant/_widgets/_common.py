@@ -262,6 +262,7 @@ CONTROLS = {
     "engine": "engine",
     "foreground_value": "foreground value",
     "init": "fine-tune from this session's FP model",
+    "input_size": "",
     "intensity": "",
     "integer": "integer arithmetic (CPU)",
     "labels_dir": "labels",
