@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="write a packed model file (codes at their bit width), the integer network, or ONNX",
     )
     export.add_argument("--model", required=True)
-    export.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="file to write (--format c: a new or empty directory)",
+    )
     export.add_argument(
         "--integer",
         action="store_true",
@@ -44,8 +50,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--format",
         choices=EXPORT_FORMATS,
         default="packed",
-        help="packed (default), integer, or onnx: a standard ONNX file for ONNX Runtime or "
-        "OpenVINO, the float form for TensorRT (docs/deploying.md)",
+        help="packed (default), integer, onnx: a standard ONNX file for ONNX Runtime or "
+        "OpenVINO, the float form for TensorRT (docs/deploying.md), or qonnx: QONNX (Quant "
+        "nodes with each layer's bit widths) for FINN and hls4ml, or c: a dependency-free C99 "
+        "program of the integer network (docs/deploying.md)",
     )
     export.add_argument(
         "--onnx-form",
@@ -53,6 +61,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         default="auto",
         help="ONNX only: int8 (QLinearConv on the codes; the default for quantized models) or "
         "float (the simulation in float operators; FP models)",
+    )
+    export.add_argument(
+        "--input-size",
+        type=_input_size,
+        metavar="ROWS[,COLS]",
+        help="QONNX only: the graph's static input size in pixels (default 512: one window of "
+        "unetquant segment); e.g. 64 for a small FPGA design",
     )
     export.set_defaults(handler=run_export)
 
@@ -167,8 +182,9 @@ def _file_line(summary: dict[str, object], path: str) -> str:
 
 
 def _network_text(unet: UNetConfig) -> str:
-    """``2D U-Net, base width 16, depth 3``."""
-    return f"{unet.spatial_dims}D U-Net, base width {unet.base_width}, depth {unet.depth}"
+    """``2D U-Net, base width 16, depth 3`` (and ``, nearest upsampling`` for that variant)."""
+    text = f"{unet.spatial_dims}D U-Net, base width {unet.base_width}, depth {unet.depth}"
+    return text + (", nearest upsampling" if unet.upsample == "nearest" else "")
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -191,19 +207,52 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_size(text: str) -> tuple[int, int]:
+    """``64`` or ``64,96``: rows and columns, each at least 1."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"input size {text!r}: give one number of pixels (e.g. 64) or ROWS,COLS (e.g. 64,96)"
+        )
+    return values[0], values[1]
+
+
 def run_export(args: argparse.Namespace) -> int:
     if args.integer and args.format not in ("packed", "integer"):
         raise ValueError(f"--integer and --format {args.format} disagree: give one of them")
     if args.onnx_form != "auto" and args.format != "onnx":
         raise ValueError("--onnx-form applies to --format onnx only")
     written = export_model(
-        args.model, args.out, integer=args.integer, format=args.format, onnx_form=args.onnx_form
+        args.model,
+        args.out,
+        integer=args.integer,
+        format=args.format,
+        onnx_form=args.onnx_form,
+        input_size=args.input_size,
     )
-    print(
-        f"wrote {written.path} ({written.layout}): {written.file_bytes / 1024:.1f} KiB "
-        f"({written.file_bytes} bytes), {written.ratio:.2f}x smaller than the FP32 state_dict "
-        f"file ({written.fp32_file_bytes} bytes)"
-    )
+    size = f"{written.file_bytes / 1024:.1f} KiB ({written.file_bytes} bytes)"
+    if args.format == "c":
+        size = f"weights {size} as constant arrays"
+        print(f"wrote {written.path} ({written.layout}): {size}")
+        print(f"build: cd {shlex.quote(written.path)} && cc -O2 *.c -lm -o unet")
+        print(
+            "run: ./unet IN.f32 OUT.u8 HEIGHT WIDTH [--memory] (IN.f32: one slice prepared as "
+            "the header of unet.c says)"
+        )
+        for note in written.notes:
+            print(note.replace("the integer path", "--integer"))
+        return 0
+    if written.ratio >= 1:
+        size += (
+            f", {written.ratio:.2f}x smaller than the FP32 state_dict file "
+            f"({written.fp32_file_bytes} bytes)"
+        )
+    print(f"wrote {written.path} ({written.layout}): {size}")
     for note in written.notes:
         print(note)
     return 0

@@ -9,8 +9,10 @@ from ..config import InferConfig
 from ..errors import SettingError
 from ..infer.engine import has_integer_layers
 from ..infer.export import export_integer
+from ..infer.export_c import export_c
 from ..infer.onnx_graph import export_onnx
 from ..infer.predict import GAUSSIAN_FLOOR
+from ..infer.qonnx_graph import export_qonnx
 from ..modelio import SegmentationModel, load_model, save_model
 from ..packed import fp32_state_dict_bytes
 
@@ -30,7 +32,7 @@ class Export:
         return self.fp32_file_bytes / self.file_bytes
 
 
-EXPORT_FORMATS = ("packed", "integer", "onnx")
+EXPORT_FORMATS = ("packed", "integer", "onnx", "qonnx", "c")
 ONNX_FORMS = ("auto", "int8", "float")
 
 
@@ -41,19 +43,33 @@ def export_model(
     integer: bool = False,
     format: str = "packed",
     onnx_form: str = "auto",
+    input_size: tuple[int, int] | None = None,
 ) -> Export:
     """Write a model file's packed form (codes at their bit width, BatchNorm folded), its
     integer network for hardware (``integer`` or ``format="integer"``,
-    ``docs/integer-format.md``), or an ONNX file (``format="onnx"``: the int8 form for models
-    with quantized weights and activations unless ``onnx_form`` says ``"float"``)."""
+    ``docs/integer-format.md``), an ONNX file (``format="onnx"``: the int8 form for models
+    with quantized weights and activations unless ``onnx_form`` says ``"float"``), or a QONNX
+    file for FINN and hls4ml (``format="qonnx"``: ``Quant`` nodes with each layer's bit widths,
+    static input ``(1, 1, *input_size)``, by default one ``tile`` square), or a C99 program of
+    the integer network (``format="c"``: ``out_path`` is a new directory; the size reported is
+    that of its constant weight data)."""
     if format not in EXPORT_FORMATS:
         raise SettingError(
             f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}", "out"
         )
     if onnx_form not in ONNX_FORMS:
         raise SettingError(f"unknown ONNX form {onnx_form!r}; use {', '.join(ONNX_FORMS)}", "out")
+    if integer and format not in ("packed", "integer"):
+        raise SettingError(
+            f"the integer network and the {format} format are two exports; ask for one", "out"
+        )
     if integer:
         format = "integer"
+    if input_size is not None and format != "qonnx":
+        raise SettingError(
+            "an input size applies to the QONNX export only (the other formats take any size)",
+            "input_size",
+        )
     if Path(out_path).resolve() == Path(model_path).resolve():
         raise SettingError(
             f"the output {out_path} is the model file itself; write the export to a new file "
@@ -68,6 +84,22 @@ def export_model(
             form = "int8" if has_integer_layers(bundle.model) else "float"
         export_onnx(bundle.model, out_path, form, onnx_file_metadata(bundle, model_path))
         layout = f"ONNX, {form}"
+    elif format == "qonnx":
+        rows, columns = input_size or (InferConfig().tile, InferConfig().tile)
+        metadata = qonnx_file_metadata(bundle, model_path, (rows, columns))
+        export_qonnx(bundle.model, out_path, metadata, (rows, columns))
+        layout = f"QONNX, input {rows} x {columns}"
+        notes = (
+            "QONNX keeps weights as float initializers (the dequantized codes, as Brevitas "
+            "exports do); FINN and hls4ml pack them to the bit widths of its Quant nodes",
+        )
+    elif format == "c":
+        program = export_c(bundle.model, out_path, onnx_file_metadata(bundle, model_path))
+        layout = "C99 program: " + ", ".join(program.files)
+        float_layers = program.description["float_layers"]
+        notes = _float_layer_notes(
+            float_layers, len(program.description["layers"]), "it reproduces the integer path"
+        )
     elif format == "integer":
         info = {"label": bundle.quant.label, "source": Path(model_path).name, **bundle.info}
         description = export_integer(bundle.model, out_path, info, deployment_metadata(bundle))
@@ -76,14 +108,16 @@ def export_model(
     else:
         save_model(out_path, bundle, packed=True)
         layout = "packed"
-    size = Path(out_path).stat().st_size
+    size = program.weight_bytes if format == "c" else Path(out_path).stat().st_size
     return Export(out_path, layout, size, fp32_state_dict_bytes(bundle.unet), notes)
 
 
-def _float_layer_notes(float_layers: list[str], count: int) -> tuple[str, ...]:
+def _float_layer_notes(
+    float_layers: list[str], count: int, what: str = "the file is reproducible"
+) -> tuple[str, ...]:
     """What the user must know when an integer network keeps float layers."""
     if not float_layers:
-        return (f"all {count} layers are integer: the file is reproducible bit for bit",)
+        return (f"all {count} layers are integer: {what} bit for bit",)
     return (
         f"{len(float_layers)} of {count} layers compute in float32 ({', '.join(float_layers)}): "
         f"other programs reproduce them only to float rounding, so a few output codes and "
@@ -125,4 +159,30 @@ def onnx_file_metadata(bundle: SegmentationModel, model_path: str) -> dict[str, 
         "'preprocess' says; any H and W (padded inside to a multiple of 2**depth)",
         "output": "logits (N, out_classes, H, W) float32; foreground probability = sigmoid(logits)",
         "training": bundle.info,
+    }
+
+
+def qonnx_file_metadata(
+    bundle: SegmentationModel, model_path: str, size: tuple[int, int]
+) -> dict[str, object]:
+    """:func:`onnx_file_metadata` for a QONNX file, whose input has a static ``size``."""
+    rows, columns = size
+    infer = InferConfig()
+    return {
+        **onnx_file_metadata(bundle, model_path),
+        "tiling": {
+            "tile": [rows, columns],
+            "overlap": infer.overlap,
+            "gaussian_sigma": [rows / 8, columns / 8],
+            "weight_floor": GAUSSIAN_FLOOR,
+        },
+        "tiling_text": f"the graph takes {rows} x {columns} windows: cut larger slices into "
+        f"windows overlapping by at least {infer.overlap:.0%} and blend their probabilities "
+        f"with Gaussian weights (sigma = window / 8), as unetquant segment does with 512 x 512 "
+        f"ones; pad smaller ones",
+        "input": f"image (1, 1, {rows}, {columns}) float32: one {rows} x {columns} window of a "
+        "slice resampled and normalised as 'preprocess' says (static shape, as FINN and hls4ml "
+        "need)",
+        "output": f"logits (1, out_classes, {rows}, {columns}) float32; foreground probability "
+        "= sigmoid(logits)",
     }
