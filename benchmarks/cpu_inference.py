@@ -52,9 +52,9 @@ STACK = paper_table.DATA / "isbi2012" / "train-volume.tif"
 W4A6 = "W4A6 fixed"
 
 
-def _models(folder: Path) -> tuple[SegmentationModel, SegmentationModel]:
+def _models(folder: Path, upsample: str) -> tuple[SegmentationModel, SegmentationModel]:
     em = paper_table._isbi(paper_table.RUNS / "data")
-    setup = paper_table.Setup()
+    setup = paper_table.Setup(upsample=upsample)
     fp = paper_table._run(em, "FP", QuantConfig(), 0, 2000, None, setup)
     quant = dict((label, q) for label, q, _ in paper_table.ROWS)[W4A6]
     w4a6 = paper_table._run(em, W4A6, quant, 0, 500, fp["model"], setup)
@@ -143,9 +143,9 @@ def breakdown(
     return rows
 
 
-def measure(rounds: int) -> dict[str, Any]:
+def measure(rounds: int, upsample: str = "bilinear") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as name:
-        fp, w4a6 = _models(Path(name))
+        fp, w4a6 = _models(Path(name), upsample)
     stack = read_volume(STACK)
     one = Volume(stack.array[:1])
     tile = torch.from_numpy(network_input(one, fp.preprocess))[None]
@@ -261,15 +261,26 @@ def markdown(result: dict[str, Any], info: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--upsample",
+        choices=["bilinear", "nearest"],
+        default="bilinear",
+        help="the models' upsampling (nearest: paper_table.py --upsample nearest's EM runs); "
+        "results in cpu_inference_nearest, never in the README's table",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
+    if args.update_readme and args.upsample != "bilinear":
+        parser.error("the README's table is of the bilinear models; drop --update-readme")
     import onnxruntime
 
     info = machine()
     print(machine_line(info), f"flags: {' '.join(info['flags'])}", file=sys.stderr)
-    result = {"rounds": args.rounds, "onnxruntime": onnxruntime.__version__, **measure(args.rounds)}
+    measured = measure(args.rounds, args.upsample)
+    result = {"rounds": args.rounds, "onnxruntime": onnxruntime.__version__, **measured}
     table = markdown(result, info)
-    write_results("cpu_inference", {"machine": info, **result}, table)
+    name = "cpu_inference" if args.upsample == "bilinear" else f"cpu_inference_{args.upsample}"
+    write_results(name, {"machine": info, "upsample": args.upsample, **result}, table)
     print(table)
     if args.update_readme:
         update_readme("cpu_inference", table)

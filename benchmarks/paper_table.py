@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 
 from _common import RESULTS, machine, machine_line, update_readme, write_results
-from napari_unetquant.config import InferConfig, QuantConfig, UNetConfig
+from napari_unetquant.config import InferConfig, QuantConfig, QuantizerConfig, UNetConfig
 from napari_unetquant.jobs import TrainJob, evaluate_files, train_model
 from napari_unetquant.metrics import SegmentationScores
 from napari_unetquant.modelio import load_model
@@ -50,6 +50,12 @@ ROWS: list[tuple[str, QuantConfig, bool]] = [
     ("W8A8 fixed", QuantConfig.from_bits(8, 8), False),
     ("W8A8 lsq", QuantConfig.from_bits(8, 8, "lsq"), False),
     ("W4A6 fixed", QuantConfig.from_bits(4, 6), True),
+    ("W4A6 fixed, all layers", replace(QuantConfig.from_bits(4, 6), edge_layers=()), False),
+    (
+        "W4A6 fixed, 8-bit edges",
+        replace(QuantConfig.from_bits(4, 6), edge_precision=QuantizerConfig.from_bits("fixed", 8)),
+        False,
+    ),
     ("W4A6 lsq", QuantConfig.from_bits(4, 6, "lsq"), False),
     ("W4A4 fixed", QuantConfig.from_bits(4, 4), False),
     ("W4A4 lsq", QuantConfig.from_bits(4, 4, "lsq"), True),
@@ -109,6 +115,7 @@ class Setup:
     device: str = "auto"
     scanner_augment: float = 0.0
     intensity: str = "slice"
+    upsample: str = "bilinear"
 
 
 def _run(
@@ -121,7 +128,10 @@ def _run(
     setup: Setup,
 ) -> dict[str, Any]:
     """Train (or reuse) one model and score it on the test split."""
-    key = f"{dataset.name.split()[0]}-{label.split()[0]}-{label.split()[-1]}-s{seed}-{steps}"
+    words = label.replace(",", "").split()
+    key = f"{dataset.name.split()[0]}-{words[0]}-{'-'.join(words[1:]) or words[0]}-s{seed}-{steps}"
+    if setup.upsample != Setup.upsample:
+        key += f"-{setup.upsample}"
     if setup.base_width != Setup.base_width:
         key += f"-w{setup.base_width}"
     if setup.scanner_augment:
@@ -141,7 +151,7 @@ def _run(
         val_labels=tuple(p[1] for p in dataset.validation),
         out=str(model_path),
         quant=quant,
-        unet=UNetConfig(base_width=setup.base_width),
+        unet=UNetConfig(base_width=setup.base_width, upsample=setup.upsample),
         train=replace(
             train_config(fine_tune=init is not None, steps=steps),
             seed=seed,
@@ -216,14 +226,21 @@ def evaluate_interior(bundle: Any, dataset: Dataset) -> float:
 
 
 def run_dataset(
-    dataset: Dataset, seeds: int, steps: tuple[int, int], setup: Setup
+    dataset: Dataset,
+    seeds: int,
+    steps: tuple[int, int],
+    setup: Setup,
+    rows: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Every row's runs (``rows``: only these labels, FP always)."""
     fp_steps, quant_steps = steps
     results = []
     for seed in range(seeds):
         fp = _run(dataset, "FP", QuantConfig(), seed, fp_steps, None, setup)
         results.append(fp)
         for label, quant, every_seed in ROWS[1:]:
+            if rows is not None and label not in rows:
+                continue
             if seed == 0 or every_seed:
                 results.append(_run(dataset, label, quant, seed, quant_steps, fp["model"], setup))
     return results
@@ -320,6 +337,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def command_options(args: argparse.Namespace) -> str:
+    """The options that change what the table holds, as the command line says them."""
+    text = f" --upsample {args.upsample}" if args.upsample != "bilinear" else ""
+    if args.seeds != 3 and not args.quick:
+        text += f" --seeds {args.seeds}"
+    if args.rows:
+        text += " --rows " + " ".join(f"'{row}'" for row in args.rows)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -335,13 +362,28 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--datasets", nargs="+", default=["em", "gm"], choices=["em", "gm"])
+    parser.add_argument(
+        "--upsample",
+        choices=["bilinear", "nearest"],
+        default="bilinear",
+        help="the decoder's upsampling; nearest (the variant hls4ml implements) writes its own "
+        "table, paper_table_nearest",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=[label for label, _, _ in ROWS[1:]],
+        help="only these quantized rows (FP always runs)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.fp_steps, args.quant_steps = 1, 300, 100
     datasets = {"em": lambda: _isbi(RUNS / "data"), "gm": _gm}
     results = []
-    setup = Setup(base_width=64 if args.paper_size else 16, device=args.device)
+    setup = Setup(
+        base_width=64 if args.paper_size else 16, device=args.device, upsample=args.upsample
+    )
     for name in args.datasets:
         dataset = datasets[name]()
         print(
@@ -349,12 +391,19 @@ def main() -> None:
             f"quantized {args.quant_steps} steps, base width {setup.base_width}",
             flush=True,
         )
-        results += run_dataset(dataset, args.seeds, (args.fp_steps, args.quant_steps), setup)
+        steps = (args.fp_steps, args.quant_steps)
+        results += run_dataset(dataset, args.seeds, steps, setup, args.rows)
     rows = summarise(results)
     info = machine()
+    variant = (
+        "nearest-neighbour upsampling (`--upsample nearest`, the variant hls4ml implements; "
+        "the table above is the same recipe with bilinear upsampling); "
+        if args.upsample == "nearest"
+        else ""
+    )
     caption = (
-        f"U-Net base width {setup.base_width} (the paper: 64), crops 128, batch 8; per-slice "
-        f"z-score inputs (as the paper); "
+        f"U-Net base width {setup.base_width} (the paper: 64), {variant}crops 128, batch 8; "
+        f"per-slice z-score inputs (as the paper); "
         f"FP {args.fp_steps} steps from scratch, quantized rows fine-tuned "
         f"{args.quant_steps} steps from the FP model of "
         f"the same seed (negative points lost: better than FP); training ran as one "
@@ -363,10 +412,12 @@ def main() -> None:
         f"slices 20-23; GM: sub-9604, full slices, original grid). Packed file: the trained "
         f"model as `unetquant export` writes it, against the FP32 `state_dict` file. "
         f"{machine_line(info)}. Generated by `python benchmarks/paper_table.py"
-        f"{' --quick' if args.quick else ''}`."
+        f"{' --quick' if args.quick else ''}{command_options(args)}`."
     )
     table = markdown(rows, caption)
     name = "paper_table_quick" if args.quick else "paper_table"
+    if args.upsample != "bilinear":
+        name += f"_{args.upsample}"
     write_results(name, {"machine": info, "args": vars(args), "runs": results, "rows": rows}, table)
     plot(rows, RESULTS / f"{name}.png")
     print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from napari_unetquant.config import FLOAT, LayerOverride, QuantConfig, QuantizerConfig
+from napari_unetquant.config import FLOAT, LayerOverride, QuantConfig, QuantizerConfig, UNetConfig
 
 
 def test_paper_formats_store_one_bit_more_than_the_paper_counts() -> None:
@@ -110,3 +110,33 @@ def test_configs_are_frozen() -> None:
     config = QuantConfig.paper()
     with pytest.raises(AttributeError):
         config.weight = FLOAT  # type: ignore[misc]
+
+
+def test_edge_bits_make_every_layer_integer_with_8_bit_edges() -> None:
+    """--edge-bits 8: the all-integer recipe for hardware (the nearest paper table's row)."""
+    import dataclasses
+
+    import torch
+
+    from napari_unetquant.errors import SettingError
+    from napari_unetquant.infer.integer import IntegerUNet
+    from napari_unetquant.model import build_unet
+    from napari_unetquant.recipes import QuantChoice
+
+    quant = QuantChoice(weight_bits=4, act_bits=6, edge_bits=8).config()
+    assert quant.edge_layers == QuantConfig().edge_layers
+    assert quant.edge_precision == QuantizerConfig.from_bits("fixed", 8)
+    assert quant == dataclasses.replace(
+        QuantConfig.from_bits(4, 6), edge_precision=QuantizerConfig.from_bits("fixed", 8)
+    )
+    model = build_unet(UNetConfig(base_width=4, depth=2), quant).train()
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32))  # chooses the activation formats
+    network = IntegerUNet(model.eval())
+    assert network.integer_layers == list(network.convs)
+    assert network.convs["enc1.conv1"].input_format.hi == 127  # 8-bit codes at the input
+    with pytest.raises(SettingError, match="choose one") as error:
+        QuantChoice(weight_bits=4, act_bits=6, edge_bits=8, quantize_edges=True)
+    assert error.value.settings == ("edge_bits",)
+    with pytest.raises(SettingError, match="edge bits 0") as error:
+        QuantChoice(weight_bits=4, act_bits=6, edge_bits=0).config()

@@ -16,6 +16,7 @@ SETTINGS = (
     "batch_size",
     "ct_window",
     "device",
+    "edge_bits",
     "elastic",
     "engine",
     "foreground_value",

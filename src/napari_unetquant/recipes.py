@@ -58,6 +58,10 @@ class QuantChoice:
         Paper-style fixed-point formats such as ``"Q0.4"``; they win over the bits.
     quantize_edges
         Also quantize the first block and the last convolution (full precision by default).
+    edge_bits
+        Quantize the first block and the last convolution to this many bits of fixed point
+        (weights and inputs) instead, whatever the rest uses: 8 makes every layer integer (for
+        hardware) where quantizing them like the rest can cost a lot (spinal GM, W4A6).
     """
 
     quantizer: str = "fixed"
@@ -66,10 +70,17 @@ class QuantChoice:
     weight_format: str | None = None
     act_format: str | None = None
     quantize_edges: bool = False
+    edge_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantizer not in METHODS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {METHODS}")
+        if self.quantize_edges and self.edge_bits is not None:
+            raise SettingError(
+                "the edge layers are either quantized like the rest or given their own bits; "
+                "choose one",
+                "edge_bits",
+            )
 
     @classmethod
     def paper(cls) -> QuantChoice:
@@ -82,7 +93,13 @@ class QuantChoice:
         edges = () if self.quantize_edges else QuantConfig().edge_layers
         weight = self._one(self.weight_bits, self.weight_format, default_bits, "weight")
         act = self._one(self.act_bits, self.act_format, default_bits, "act")
-        return QuantConfig(weight=weight, act=act, edge_layers=edges)
+        if self.edge_bits is None:
+            return QuantConfig(weight=weight, act=act, edge_layers=edges)
+        try:
+            edge = QuantizerConfig.from_bits("fixed", self.edge_bits)
+        except ValueError as error:
+            raise SettingError(f"edge bits {self.edge_bits}: {error}", "edge_bits") from None
+        return QuantConfig(weight=weight, act=act, edge_layers=edges, edge_precision=edge)
 
     def _one(self, bits: int | None, name: str | None, default: int, kind: str) -> QuantizerConfig:
         words = "weight" if kind == "weight" else "activation"

@@ -258,6 +258,7 @@ CONTROLS = {
     "batch_size": "",
     "ct_window": "intensity",
     "device": "device",
+    "edge_bits": "",
     "elastic": "",
     "engine": "engine",
     "foreground_value": "foreground value",

@@ -15,6 +15,7 @@ OPTIONS = {
     "ct_window": "--ct-window",
     "intensity": "--intensity",
     "device": "--device",
+    "edge_bits": "--edge-bits",
     "elastic": "--elastic",
     "engine": "--engine",
     "foreground_value": "--foreground-value",
@@ -54,6 +55,13 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also quantize the first block and the last convolution (full precision by default)",
     )
+    parser.add_argument(
+        "--edge-bits",
+        type=int,
+        help="quantize the first block and the last convolution to N-bit fixed point instead "
+        "(8: an all-integer network for hardware that keeps the edges' precision; "
+        "docs/deploying.md)",
+    )
 
 
 def quant_choice(args: argparse.Namespace) -> QuantChoice:
@@ -65,6 +73,7 @@ def quant_choice(args: argparse.Namespace) -> QuantChoice:
         weight_format=args.weight_format,
         act_format=args.act_format,
         quantize_edges=args.quantize_edges,
+        edge_bits=args.edge_bits,
     )
 
 
