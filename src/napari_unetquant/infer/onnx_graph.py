@@ -397,13 +397,23 @@ def export_onnx(
 ) -> None:
     """Write ``model`` as an ONNX file of ``form`` (atomically), with ``metadata`` (JSON-able
     values) in the model's ``metadata_props``, each value JSON text."""
+    proto = unet_onnx(model, form)
+    save_checked(proto, path, {"format": ONNX_FORMAT, "form": form}, metadata)
+
+
+def save_checked(
+    proto: Any, path: str | Path, own: dict[str, Any], metadata: dict[str, Any] | None
+) -> None:
+    """Check ``proto`` and write it to ``path`` atomically, with the file's ``own`` entries and
+    the caller's ``metadata`` (JSON-able values; never one of ``own``'s keys) in its
+    ``metadata_props``, each value JSON text unless it is a string."""
     import onnx
 
     from ..data.io import atomic_path
 
-    proto = unet_onnx(model, form)
-    entries = {"format": ONNX_FORMAT, "form": form, **(metadata or {})}
-    for key, value in entries.items():
+    for key in own.keys() & (metadata or {}).keys():
+        raise ValueError(f"metadata entry {key!r} is the file's own")
+    for key, value in {**own, **(metadata or {})}.items():
         proto.metadata_props.add(
             key=key, value=value if isinstance(value, str) else json.dumps(value)
         )

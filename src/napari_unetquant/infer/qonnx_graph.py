@@ -44,7 +44,6 @@ crop; a size that is a multiple (the default: the tile ``segment`` uses) needs n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from ..quant.quantizers import (
     TernaryQuantizer,
 )
 from .integer_conv import _affine
-from .onnx_graph import _Graph, _Tensor, _UNetGraph
+from .onnx_graph import _Graph, _Tensor, _UNetGraph, save_checked
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_FORMAT = "napari-unetquant-qonnx"
@@ -350,20 +349,6 @@ def export_qonnx(
     """Write ``model`` as a QONNX file (atomically) for images ``image_size`` (see
     :func:`unet_qonnx`), with ``metadata`` (JSON-able values) in the model's
     ``metadata_props``, each value JSON text, beside ``format`` and ``input_shape``."""
-    import onnx
-
-    from ..data.io import atomic_path
-
     proto = unet_qonnx(model, image_size)
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    entries: dict[str, Any] = {"format": QONNX_FORMAT, "input_shape": shape}
-    for key in entries.keys() & (metadata or {}).keys():
-        raise ValueError(f"metadata entry {key!r} is the file's own")
-    entries.update(metadata or {})
-    for key, value in entries.items():
-        proto.metadata_props.add(
-            key=key, value=value if isinstance(value, str) else json.dumps(value)
-        )
-    onnx.checker.check_model(proto)
-    with atomic_path(Path(path)) as temporary:
-        onnx.save(proto, str(temporary))
+    save_checked(proto, path, {"format": QONNX_FORMAT, "input_shape": shape}, metadata)
