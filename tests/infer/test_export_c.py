@@ -54,7 +54,6 @@ CONFIGS = {  # name: (quantization, every layer integer); ``nearest`` names upsa
         False,
     ),
 }
-_HAS_UPSAMPLE_CHOICE = "upsample" in {f.name for f in dataclasses.fields(UNetConfig)}
 
 
 @functools.cache
@@ -85,10 +84,7 @@ def _model(quant: QuantConfig, upsample: str = "bilinear") -> torch.nn.Module:
     """The float U-Net's weights, quantized by ``quant`` and fine-tuned for two steps (which
     also chooses the activation formats and learned steps)."""
     torch.manual_seed(1)
-    unet = UNetConfig(base_width=4, depth=2)
-    if upsample != "bilinear":
-        unet = dataclasses.replace(unet, upsample=upsample)
-    model = build_unet(unet, quant)
+    model = build_unet(UNetConfig(base_width=4, depth=2, upsample=upsample), quant)
     model.load_state_dict(_float_weights(), strict=False)  # the quantizers' state is new
     _train(model.train(), steps=2, lr=1e-3)
     return model.eval()
@@ -136,8 +132,6 @@ class Program:
 def program(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Program:
     quant, all_integer = CONFIGS[request.param]
     upsample = "nearest" if "nearest" in request.param else "bilinear"
-    if upsample == "nearest" and not _HAS_UPSAMPLE_CHOICE:
-        pytest.skip("this version's UNetConfig has no upsample choice")
     model = _model(quant, upsample)
     directory = tmp_path_factory.mktemp("c") / "unet"
     export = export_c(model, directory, {"label": quant.label, "source": "model.pt"})
@@ -169,6 +163,64 @@ def test_masks_equal_the_integer_network(program: Program, shape: tuple[int, int
         np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
     if shape == (37, 50):
         assert 0.02 < mask.mean() < 0.98, "a test image should have both classes"
+
+
+DRIVER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "unet.h"
+
+/* driver IN.f32 OUT.u8 HEIGHT WIDTH: unet_segment's mask, and its status on stdout */
+int main(int argc, char **argv)
+{
+    if (argc != 5)
+        return 2;
+    int height = atoi(argv[3]), width = atoi(argv[4]);
+    size_t count = (size_t)height * width;
+    float *slice = malloc(count * sizeof(float));
+    unsigned char *mask = calloc(count, 1);
+    FILE *in = fopen(argv[1], "rb");
+    if (slice == NULL || mask == NULL || in == NULL)
+        return 3;
+    if (fread(slice, sizeof(float), count, in) != count)
+        return 3;
+    fclose(in);
+    printf("%d\n", unet_segment(slice, height, width, mask));
+    FILE *out = fopen(argv[2], "wb");
+    if (out == NULL || fwrite(mask, 1, count, out) != count || fclose(out) != 0)
+        return 4;
+    free(slice);
+    free(mask);
+    return 0;
+}
+"""
+
+
+def test_the_library_entry_computes_the_programs_mask(program: Program) -> None:
+    """Built without its command line (-DUNET_NO_MAIN, no warning), ``unet_segment`` gives
+    the program's mask, and refuses a non-finite value without touching the mask."""
+    (program.directory / "driver.c").write_text(DRIVER)
+    flags = [_compiler(), "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", "-DUNET_NO_MAIN"]
+    command = [*flags, *program.export.files, "driver.c", "-lm", "-o", "library"]
+    build = subprocess.run(command, cwd=program.directory, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    image = np.random.default_rng(4).normal(size=(37, 50)).astype(np.float32) * 2
+    expected, _ = program.outputs(image)
+
+    def library(values: np.ndarray) -> tuple[str, np.ndarray]:
+        values.astype("<f4").tofile(program.directory / "lib.f32")
+        run = ["./library", "lib.f32", "lib.u8", *map(str, values.shape)]
+        result = subprocess.run(run, cwd=program.directory, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        mask = np.fromfile(program.directory / "lib.u8", np.uint8).reshape(values.shape)
+        return result.stdout.strip(), mask
+
+    status, mask = library(image)
+    assert status == "0" and np.array_equal(mask, expected)
+    assert 0 < expected.mean() < 1
+    image[5, 7] = np.nan
+    status, mask = library(image)
+    assert status == "-2" and not mask.any()
 
 
 def test_memory_report_equals_c_memory(program: Program) -> None:

@@ -66,6 +66,12 @@ typedef struct {
 #define UNET_THRESHOLD %(threshold)s /* foreground: sigmoid(logit) >= UNET_THRESHOLD */
 
 extern const size_t unet_weight_bytes; /* bytes of every constant array in weights.c */
+
+/* The library entry (build without the command line: cc -DUNET_NO_MAIN ...): the mask of one
+   preprocessed slice, height x width float32 values row-major (channels last), into mask,
+   height x width bytes of 0 or 1. Returns 0; -1 when memory runs out, -2 for a size below 1
+   or a value that is not a finite number (mask is then untouched). */
+int unet_segment(const float *slice, int height, int width, unsigned char *mask);
 %(externs)s
 
 #endif
@@ -513,8 +519,48 @@ static void dequantize(const tensor *in, const unet_format *format, tensor *out)
 """The conversions of whole tensors, emitted when the dataflow uses them."""
 
 MAIN = r"""
-/* ---- the program ---- */
+/* ---- the library entry and the program ---- */
 
+/* Foreground where sigmoid(logit) >= UNET_THRESHOLD, the probability in float32 as
+   unetquant computes it. */
+static unsigned char foreground(float logit)
+{
+    const float probability = 1.0f / (1.0f + expf(-logit));
+    return probability >= (float)UNET_THRESHOLD;
+}
+
+int unet_segment(const float *slice, int height, int width, unsigned char *mask)
+{
+    if (height < 1 || width < 1)
+        return -2;
+    const size_t count = (size_t)height * width * UNET_IN_CHANNELS;
+    for (size_t i = 0; i < count; i++)
+        if (!isfinite(slice[i]))
+            return -2;
+    const int multiple = 1 << UNET_DEPTH; /* pad to a multiple of 2**depth, edges replicated */
+    const int padded_height = (height + multiple - 1) / multiple * multiple;
+    const int padded_width = (width + multiple - 1) / multiple * multiple;
+    tensor image = {0}, logits = {0};
+    if (!tensor_new(&image, padded_height, padded_width, UNET_IN_CHANNELS, F32))
+        return -1;
+    const size_t pixel = UNET_IN_CHANNELS * sizeof(float);
+    for (int y = 0; y < padded_height; y++)
+        for (int x = 0; x < padded_width; x++) {
+            const int from_y = y < height ? y : height - 1, from_x = x < width ? x : width - 1;
+            memcpy((float *)image.data + ((size_t)y * padded_width + x) * UNET_IN_CHANNELS,
+                   slice + ((size_t)from_y * width + from_x) * UNET_IN_CHANNELS, pixel);
+        }
+    if (!run_network(&image, &logits)) /* frees the image */
+        return -1;
+    for (int y = 0; y < height; y++)
+        for (int x = 0; x < width; x++)
+            mask[(size_t)y * width + x] =
+                foreground(((const float *)logits.data)[(size_t)y * logits.width + x]);
+    tensor_free(&logits);
+    return 0;
+}
+
+#ifndef UNET_NO_MAIN /* the command line: unet IN.f32 OUT.u8 HEIGHT WIDTH [--memory] */
 static int fail(const char *out_tmp, const char *message, const char *detail)
 {
     fprintf(stderr, "unet: %s%s\n", message, detail);
@@ -565,14 +611,6 @@ static const char *read_image(FILE *file, int height, int width, tensor *image)
                        pixel * sizeof(float));
             }
     return NULL;
-}
-
-/* Foreground where sigmoid(logit) >= UNET_THRESHOLD, the probability in float32 as
-   unetquant computes it. */
-static unsigned char foreground(float logit)
-{
-    const float probability = 1.0f / (1.0f + expf(-logit));
-    return probability >= (float)UNET_THRESHOLD;
 }
 
 static int write_outputs(const tensor *logits, int height, int width, const char *out,
@@ -652,6 +690,7 @@ int main(int argc, char **argv)
     }
     return status;
 }
+#endif /* UNET_NO_MAIN */
 """
 
 

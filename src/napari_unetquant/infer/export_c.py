@@ -609,6 +609,9 @@ def _header_comment(description: dict[str, Any], info: dict[str, Any]) -> str:
         "--memory prints, after the run, weight_bytes (the constant arrays of weights.c) and "
         "peak_activation_bytes (the largest total of heap buffers live at once: activations, "
         "the input, the mask, one layer's unpacked weights and row of accumulators).",
+        "As a library (firmware, another program): build with -DUNET_NO_MAIN and call "
+        "unet_segment(slice, height, width, mask) from unet.h, the same computation on a slice "
+        "in memory.",
         "Environment UNET_LOGITS=PATH also writes the cropped logits (float32, this machine's "
         "byte order) to PATH, for debugging.",
         "",
