@@ -28,7 +28,8 @@ from .config import (
     QuantizerConfig,
     UNetConfig,
 )
-from .data.io import atomic_path, check_readable
+from .data.io import check_readable
+from .data.write import write_safetensors
 from .model import FoldedBatchNorm, build_unet
 from .packed import (
     LAYOUT_PACKED,
@@ -92,7 +93,6 @@ def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = Fa
     ``packed=True`` writes the packed layout: integer weight codes at their bit width and
     folded BatchNorm, loading to a network with exactly the same outputs.
     """
-    from safetensors.torch import save_file
 
     config: dict[str, Any] = {
         "unet": asdict(bundle.unet),
@@ -111,8 +111,7 @@ def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = Fa
         tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
         version = VERSION
     metadata = {"format": FORMAT, "version": str(version), "config": json.dumps(config)}
-    with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    write_safetensors(Path(path), tensors, metadata)
 
 
 def _check_not_pickle(path: Path) -> None:

@@ -52,6 +52,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(temporary)
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: dict[str, str]) -> None:
+    """``tensors`` (``{name: torch.Tensor}``) and ``metadata`` as a safetensors file, atomically.
+
+    The bytes are made in memory and written through :func:`atomic_path`: safetensors' own
+    ``save_file`` writes a ``.tmpXXXXXX`` file beside its target first, which a process killed
+    at that moment leaves behind where :func:`remove_partial_writes` does not look."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=metadata)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(data)
+
+
 def write_csv(
     path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None
 ) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.io import atomic_path
+from ..data.write import write_safetensors
 from ..quant.codes import weight_codes
 from .integer import IntegerUNet
 from .integer_ops import ActFormat
@@ -100,7 +100,6 @@ def export_integer(
     ``deployment`` holds what a runtime needs beside the network (the input's preprocessing,
     the threshold, the tiling; see ``docs/integer-format.md``): each entry becomes a metadata
     entry of the file, JSON text unless it is a string."""
-    from safetensors.torch import save_file
 
     tensors, description = integer_file_contents(model)
     entries = {"network": description, "info": info or {}, **(deployment or {})}
@@ -109,6 +108,5 @@ def export_integer(
         if key in metadata:
             raise ValueError(f"metadata entry {key!r} is the file's own")
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
-    with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    write_safetensors(Path(path), tensors, metadata)
     return description

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..data.io import atomic_path
+from ..data.write import write_safetensors
 from .trainer import Trainer
 
 FORMAT = "napari-unetquant-checkpoint"
@@ -35,7 +35,6 @@ def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str
 
 def save_checkpoint(path: str | Path, trainer: Trainer, identity: dict[str, Any]) -> None:
     """Write ``trainer``'s state; ``identity`` (the configs) must match again on resume."""
-    from safetensors.torch import save_file
 
     tensors = {
         f"model.{k}": v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()
@@ -52,8 +51,7 @@ def save_checkpoint(path: str | Path, trainer: Trainer, identity: dict[str, Any]
         "optimizer": optimizer_rest,
         "schedule": trainer.schedule.state_dict(),
     }
-    with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": FORMAT, "state": json.dumps(state)})
+    write_safetensors(Path(path), tensors, {"format": FORMAT, "state": json.dumps(state)})
 
 
 def load_checkpoint(path: str | Path, trainer: Trainer, identity: dict[str, Any]) -> None:
