@@ -43,6 +43,13 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _engine_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine measurements are remembered in the test's own folder, never the user's cache
+    (and no test sees another's)."""
+    monkeypatch.setenv("UNETQUANT_CACHE_DIR", str(tmp_path / "unetquant-cache"))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data``: real images with ground truth (present on CI and developer machines)."""

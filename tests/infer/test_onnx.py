@@ -3,7 +3,9 @@ and the engine that runs inference chosen by measurement."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from napari_unetquant.config import InferConfig, QuantConfig, QuantizerConfig, UNetConfig
 from napari_unetquant.errors import SettingError
 from napari_unetquant.infer import engine
+from napari_unetquant.infer.accumulator_grid import off_grid, snap_biases
 from napari_unetquant.infer.onnx_graph import export_onnx, onnx_metadata, unet_onnx
 from napari_unetquant.model import build_unet
 from napari_unetquant.packed import pack_model, packed_network
@@ -75,6 +78,22 @@ def test_both_forms_compute_the_simulation(label: str, form: str) -> None:
         # error (under 1/500 of a step) of half a step; an untrained network's logits hug 0,
         # so this moves some of its signs (auto checks each model on real data)
         assert np.mean((got > 0) == (expected > 0)) >= 0.98
+
+
+@pytest.mark.parametrize("label", [k for k in SETTINGS if k != "FP"])
+def test_biases_on_the_accumulator_grid_make_the_int8_form_the_simulation(label: str) -> None:
+    model = calibrated(SETTINGS[label], seed=1)
+    x = torch.randn(2, 1, 61, 83)
+    assert off_grid(model) > 0.1
+    with torch.no_grad():
+        before = model(x).numpy()
+    moved = snap_biases(model)
+    assert len(moved) >= 8 and off_grid(model) < 1e-3
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # every code now equal: logits up to float32 summation order of the float head
+    assert np.allclose(run(unet_onnx(model, "int8"), x), expected, rtol=1e-4, atol=1e-5)
+    assert np.mean((before > 0) == (expected > 0)) >= 0.99  # the model barely moved
 
 
 @pytest.mark.parametrize("form", ["float", "int8"])
@@ -148,13 +167,58 @@ def test_auto_measures_the_engines_and_keeps_the_fastest(
     with caplog.at_level(logging.INFO, logger="napari_unetquant"):
         network, choice = engine.select_engine(model, "auto", (64, 64))
     assert set(choice.milliseconds) == {"pytorch", "onnx-float", "onnx-int8"}
-    assert choice.engine == min(choice.milliseconds, key=choice.milliseconds.__getitem__)
+    rejected = choice.reason.partition("; ")[2]  # an engine whose masks differ is timed, not run
+    accepted = {k: v for k, v in choice.milliseconds.items() if f"{k} reproduced" not in rejected}
+    assert choice.engine == min(accepted, key=accepted.__getitem__)
     assert choice.text in caplog.text and "per 64 x 64 window" in choice.text
     assert engine.select_engine(model, "auto", (64, 64))[0] is network  # measured once
     assert engine.last_choice(model) == choice
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert np.mean((network(x).numpy() > 0) == (model(x).numpy() > 0)) >= 0.999
+
+
+def test_a_measurement_is_remembered_for_the_next_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = calibrated(SETTINGS["W4A6"])
+    snap_biases(model)
+    _, first = engine.select_engine(model, "auto", (64, 64))
+    record = engine.engine_record()
+    assert record.is_file() and record.parent == Path(os.environ["UNETQUANT_CACHE_DIR"])
+
+    def no_race(*_: object) -> None:
+        raise AssertionError("raced again")
+
+    engine._CACHE.clear()  # a new process, and a model of the same architecture
+    other = calibrated(SETTINGS["W4A6"], seed=3)
+    snap_biases(other)
+    race = engine._race
+    monkeypatch.setattr(engine, "_race", no_race)
+    _, again = engine.select_engine(other, "auto", (64, 64))
+    assert again.engine == first.engine and "remembered in" in again.text
+    assert again.milliseconds == pytest.approx(first.milliseconds)
+    with pytest.raises(AssertionError, match="raced again"):  # another window: measured
+        engine.select_engine(other, "auto", (32, 32))
+
+    # the int8 form is taken from the record only for a model whose biases are on its grid
+    entries = json.loads(record.read_text())
+    for entry in entries.values():
+        entry["milliseconds"]["onnx-int8"] = 0.001
+    record.write_text(json.dumps(entries))
+    engine._CACHE.clear()
+    assert engine.select_engine(other, "auto", (64, 64))[1].engine == "onnx-int8"
+    off = calibrated(SETTINGS["W4A6"], seed=4)
+    assert engine.off_grid(off) > engine.GRID_TOLERANCE
+    _, choice = engine.select_engine(off, "auto", (64, 64))
+    assert choice.engine != "onnx-int8" and "remembered" in choice.text
+
+    # a damaged record costs a measurement, never an error, and is written anew
+    record.write_text("{not json")
+    engine._CACHE.clear()
+    monkeypatch.setattr(engine, "_race", race)
+    assert "remembered" not in engine.select_engine(model, "auto", (64, 64))[1].text
+    assert json.loads(record.read_text())
 
 
 def test_named_engines_and_where_only_pytorch_applies() -> None:

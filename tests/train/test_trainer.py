@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 from napari_unetquant.config import PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
 from napari_unetquant.data import Volume, em_phantom_stack, zscore
+from napari_unetquant.infer.accumulator_grid import int8_layout, integer_layers, off_grid
+from napari_unetquant.infer.integer_ops import ActFormat
 from napari_unetquant.model import build_unet
 from napari_unetquant.train import (
     LabelledVolume,
@@ -64,6 +67,29 @@ def test_best_model_holds_the_best_weights_not_the_last() -> None:
     best = trainer.best_model()
     assert not best.training
     assert torch.equal(best.state_dict()[marker], trainer.best_state[marker])
+
+
+def test_best_model_puts_integer_biases_on_the_int8_accumulator_grid() -> None:
+    trainer = _trainer()
+    list(trainer.run())
+    trained = copy.deepcopy(trainer.model).eval()
+    trained.load_state_dict(trainer.best_state or trainer.model.state_dict())
+    assert off_grid(trained) > 0.01  # training leaves biases anywhere
+    best = trainer.best_model()
+    assert off_grid(best) < 1e-3
+    layers, before = integer_layers(best), integer_layers(trained)
+    moved = 0
+    for name, (layer, _) in layers.items():
+        fmt = ActFormat.of(layer.input_quantizer, name)
+        new, old = (int8_layout(name, *pair[name], fmt) for pair in (layers, before))
+        if new is None or old is None:
+            assert torch.equal(layer.bias, before[name][0].bias)  # float layers stay as trained
+            continue
+        # by at most half an accumulator unit, a hundredth of an activation step or less
+        shift = np.abs(new.folded_bias - old.folded_bias) / new.accumulator_step
+        assert shift.max() <= 0.5 + 1e-3
+        moved += 1
+    assert moved >= 4
 
 
 def test_stopping_between_steps_keeps_the_best_so_far() -> None:

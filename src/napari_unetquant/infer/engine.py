@@ -13,6 +13,15 @@ Engines (``InferConfig.engine``):
   per model, window and thread count in a process), and the fastest runs. Without ONNX Runtime
   installed, or on a GPU, ``auto`` is ``pytorch``.
 
+What was measured is remembered on disk (:func:`engine_record`: ``engines.json`` in the user's
+cache folder, or ``$UNETQUANT_CACHE_DIR``), keyed by what speed depends on (the network's
+architecture and which layers run on codes, the window, the thread count, the CPU's model and
+capability, the PyTorch and ONNX Runtime versions), so a later process on the same machine
+(``unetquant segment`` on the next image) goes straight to the engine measured fastest, without
+racing again, where that engine computes the model's own values by construction: the PyTorch
+model, the float form (the same arithmetic), the int8 form when the model's biases lie on its
+accumulator grid (:mod:`.accumulator_grid`). A model off the grid is raced and checked.
+
 The choice is logged on the ``napari_unetquant`` logger (the command line prints it). The exact
 integer path (``InferConfig.integer``) is a hardware reference, not an engine to race: where
 the CPU has no fast int8 matrix multiply, :func:`integer_slowdown` measures by how much it is
@@ -21,13 +30,18 @@ slower and says so once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +52,8 @@ from ..errors import SettingError
 from ..model.unet import UNet, check_input
 from ..quant.layers import QuantConv2d
 from ..quant.quantizers import FixedPointQuantizer
+from .accumulator_grid import off_grid
+from .integer_ops import ActFormat
 
 LOG = logging.getLogger("napari_unetquant")
 
@@ -100,10 +116,11 @@ class EngineChoice:
             return f"engine: {self.engine} ({self.reason})"
         rows, columns = self.window
         times = ", ".join(f"{name} {ms:.0f} ms" for name, ms in self.milliseconds.items())
-        rejected = self.reason.partition("; ")[2]
+        how, _, rejected = self.reason.partition("; ")
+        when = f", {how}" if how != "measured" else ""
         return (
-            f"engine: {self.engine}, the fastest here per {rows} x {columns} window ({times})"
-            + (f"; {rejected}" if rejected else "")
+            f"engine: {self.engine}, the fastest here per {rows} x {columns} window ({times}"
+            f"{when})" + (f"; {rejected}" if rejected else "")
         )
 
 
@@ -255,7 +272,13 @@ def select_engine(
     elif len(options) == 1 or untrained(model):
         chosen = (model, EngineChoice("pytorch", window, {}, _why_not(model, device)))
     else:
-        chosen = _measured(model, options, window, rounds, sample, threshold)
+        record_key = _speed_key(model, window, str(device))
+        remembered = _remembered(model, options, window, record_key)
+        if remembered is not None:
+            chosen = remembered
+        else:
+            chosen = _measured(model, options, window, rounds, sample, threshold)
+            _remember(record_key, model, window, chosen[1])
     LOG.info(chosen[1].text)
     for stale in [k for k in per_model if k[0] != key[0]]:  # the parameters changed since
         del per_model[stale]
@@ -288,10 +311,128 @@ def _measured(
         agreement = float(((output.cpu() >= logit) == reference).float().mean())
         if agreement < AGREEMENT:
             rejected.append(f"{name} reproduced {100 * agreement:.3f}% of the mask")
-            del times[name]
-    best = min(times, key=times.__getitem__)
+    accepted = [name for name in times if not any(r.startswith(f"{name} ") for r in rejected)]
+    best = min(accepted, key=times.__getitem__)
     reason = "measured" + (f"; not {', '.join(rejected)}" if rejected else "")
     return networks[best], EngineChoice(best, window, times, reason)
+
+
+# --- measurements remembered between processes -----------------------------------------------
+
+GRID_TOLERANCE = 1e-3
+"""Largest distance of a folded bias from its accumulator grid (in grid units) for which the
+int8 form counts as computing the model's own values (:func:`.accumulator_grid.off_grid`)."""
+
+RECORD_FILE = "engines.json"
+
+
+def engine_record() -> Path:
+    """Where measured engine speeds are remembered: ``$UNETQUANT_CACHE_DIR/engines.json``, or
+    ``engines.json`` in the user's cache folder (``~/.cache/napari-unetquant`` on Linux)."""
+    folder = os.environ.get("UNETQUANT_CACHE_DIR")
+    if not folder:
+        import platformdirs
+
+        folder = platformdirs.user_cache_dir("napari-unetquant", appauthor=False)
+    return Path(folder) / RECORD_FILE
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _speed_key(model: nn.Module, window: tuple[int, int], device: str) -> dict[str, Any]:
+    """What the engines' speeds depend on (not the weights): architecture, the layers that
+    run on codes and their formats' ranges, window, threads, CPU, library versions."""
+    import onnxruntime
+
+    layers = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantConv2d):
+            fmt = None
+            if not layer.input_quantizer.config.is_float:
+                try:
+                    found = ActFormat.of(layer.input_quantizer, name)
+                except SettingError:  # an activation method ONNX does not express
+                    found = None
+                fmt = None if found is None else [found.lo, found.hi]
+            layers.append([name, layer.weight_quantizer.config.is_float, fmt])
+    config = model.config if isinstance(model, UNet) else None
+    return {
+        "unet": asdict(config) if config is not None else type(model).__name__,
+        "layers": layers,
+        "window": list(window),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _records() -> dict[str, Any]:
+    """The remembered measurements; nothing when the file is missing or unreadable."""
+    path = engine_record()
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        LOG.debug("ignoring %s (%s): engines are measured again", path, error)
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _remember(
+    key: dict[str, Any], model: nn.Module, window: tuple[int, int], choice: EngineChoice
+) -> None:
+    """Add ``choice``'s measurement to the record (atomically; a folder that cannot be
+    written only costs the next process a new measurement)."""
+    from ..data.write import atomic_path
+
+    records = _records()
+    records[_digest(key)] = {
+        "milliseconds": choice.milliseconds,
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "key": key,
+    }
+    try:
+        with atomic_path(engine_record()) as temporary:
+            temporary.write_text(json.dumps(records, indent=1, sort_keys=True))
+    except OSError as error:
+        LOG.debug("could not remember the engine measurement in %s: %s", engine_record(), error)
+
+
+def _remembered(
+    model: nn.Module, options: list[str], window: tuple[int, int], key: dict[str, Any]
+) -> tuple[Network, EngineChoice] | None:
+    """The engine measured fastest for ``key`` before, where it computes ``model``'s own
+    values by construction (see the module's text); ``None``: measure."""
+    record = _records().get(_digest(key))
+    if not isinstance(record, dict) or not isinstance(record.get("milliseconds"), dict):
+        return None
+    times = {name: float(ms) for name, ms in record["milliseconds"].items() if name in options}
+    exact = [name for name in times if name != "onnx-int8" or off_grid(model) <= GRID_TOLERANCE]
+    if not exact:
+        return None
+    best = min(exact, key=times.__getitem__)
+    try:
+        network = build_engine(model, best)
+    except SettingError:
+        return None
+    when = f"measured {record.get('measured', 'before')}, remembered in {engine_record()}"
+    return network, EngineChoice(best, window, times, when)
 
 
 def _why_not(model: nn.Module, device: torch.device | str) -> str:

@@ -14,12 +14,14 @@ which for ``alpha > 0`` is ``clamp(Q(alpha * z + beta), Q(beta), hi)`` (``Q`` is
 for ``alpha < 0`` is ``clamp(Q(alpha * z + beta), lo, Q(beta))``. So each output channel is one
 ``QLinearConv`` (weight codes times the sign of ``alpha``, weight scale ``|alpha| * step``,
 bias ``alpha * bias + beta`` on the accumulator grid) followed by a per-channel ``Max`` and
-``Min`` on the codes. What ONNX cannot hold exactly is the bias on the accumulator grid (weight
-codes are scaled up so that the grid is fine) and the requantisation's float multiply: a code
-can differ by one where the simulation sits within a rounding error of a half step; on a
-trained network such codes spread through the layers below and move a few tenths of a percent
-of a mask's pixels (``benchmarks/cpu_inference.py`` and the tests count them), so the engine
-choice (:mod:`.engine`) checks masks before it runs this form.
+``Min`` on the codes (the layout: :mod:`.accumulator_grid`). The bias enters on the
+accumulator grid: a model whose biases lie on it (:func:`~.accumulator_grid.snap_biases`, which
+training applies) is computed exactly up to the float32 rounding of the requantisation's
+multiply, so a code differs only where the simulation sits within a float32 rounding error of a
+half step. A bias off the grid (a model trained before, or changed since) moves codes within a
+hundredth of a step of a tie, a few tenths of a percent of a mask's pixels on a trained network
+(``benchmarks/cpu_inference.py`` and the tests count them), so the engine choice
+(:mod:`.engine`) checks masks before it runs this form.
 Layers whose result is upsampled, and the float edge layers, stay float ``Conv``.
 
 Both graphs take ``image`` ``(N, 1, H, W)`` float32 (normalised as the model's preprocessing
@@ -40,17 +42,13 @@ from torch import nn
 
 from ..errors import SettingError
 from ..model.unet import UNet
-from ..quant.codes import weight_codes
 from ..quant.layers import QuantConv2d
+from .accumulator_grid import Int8Layout, int8_layout
 from .integer_conv import _affine
 from .integer_ops import ActFormat
 
 OPSET = 21
 FORMS = ("float", "int8")
-INT8_WEIGHT_PEAK = 64
-"""Largest ``|weight code|`` an int8 ``QLinearConv`` is given: codes are scaled up to it (a
-finer accumulator grid for the bias) but no further, so that ``2 * 255 * 64`` stays below
-``2**15``, the int16 pair sums of AVX2's ``vpmaddubsw`` (ONNX Runtime's kernel without VNNI)."""
 
 
 @dataclass(frozen=True)
@@ -184,14 +182,13 @@ class _UNetGraph:
             and bn is not None
             and codes_out
             and len(codes_out) == len(consumers)
-            and not layer.weight_quantizer.config.is_float
         ):
-            int8 = self._int8_weights(layer)
-            if int8 is not None:
+            layout = int8_layout(name, layer, bn, x.fmt)
+            if layout is not None:
                 results: dict[tuple[float, int, int], _Tensor] = {}
                 for fmt in codes_out:
                     if _key(fmt) not in results:
-                        results[_key(fmt)] = self._qlinear(name, x, layer, bn, int8, fmt)
+                        results[_key(fmt)] = self._qlinear(name, x, layout, fmt)
                 return [results[_key(fmt)] for fmt in codes_out]
         values = self._float_conv(name, self.as_float(x), layer, bn)
         return [values for _ in consumers]
@@ -215,44 +212,14 @@ class _UNetGraph:
         y = g.op("Mul", [y, g.constant(alpha, f"{name}.alpha")], f"{name}.scaled")
         return _Tensor(g.op("Add", [y, g.constant(beta, f"{name}.beta")], f"{name}.normalised"))
 
-    @staticmethod
-    def _int8_weights(layer: QuantConv2d) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(codes (C_out, C_in, 3, 3) int64, scale (C_out,) float64)``, or ``None`` where
-        a code is beyond int8."""
-        codes = weight_codes(layer.weight_quantizer, layer.weight)
-        values = codes.codes.cpu().numpy().astype(np.int64)
-        if values.size and np.abs(values).max() > 127:
-            return None
-        return values, codes.scale.double().cpu().numpy()
-
-    def _qlinear(
-        self,
-        name: str,
-        x: _Tensor,
-        layer: QuantConv2d,
-        bn: nn.Module,
-        weights: tuple[np.ndarray, np.ndarray],
-        fmt: ActFormat,
-    ) -> _Tensor:
+    def _qlinear(self, name: str, x: _Tensor, layout: Int8Layout, fmt: ActFormat) -> _Tensor:
         """``Q_fmt(alpha * relu(conv(x) + bias) + beta)`` as ``QLinearConv`` and a clamp."""
         assert x.fmt is not None
         g = self.g
-        codes, step = weights
-        channels = codes.shape[0]
-        alpha32, beta32 = (t.float().cpu().numpy() for t in _affine(name, bn, channels))
-        alpha, beta = alpha32.astype(np.float64), beta32.astype(np.float64)
-        bias = np.zeros(channels) if layer.bias is None else layer.bias.detach().double().numpy()
-        peak = np.maximum(np.abs(codes).reshape(channels, -1).max(axis=1), 1)
-        scale_up = np.maximum(INT8_WEIGHT_PEAK // peak, 1)
-        sign = np.sign(alpha)
-        flat = sign == 0  # a constant channel: weights 0, the clamp gives Q(beta)
-        w = codes * (sign * scale_up).reshape(-1, 1, 1, 1)
-        w_scale = np.where(flat, 1.0, np.abs(alpha) * step / scale_up)
-        accumulator_step = x.fmt.step * w_scale
-        grid_bias = np.rint((alpha * bias + beta) / accumulator_step)
-        grid_bias = np.where(flat, 0, grid_bias)
+        sign, flat = layout.sign, layout.flat
+        channels = sign.shape[0]
         # Q(beta) in float32, as the simulation rounds it when relu(z) is 0
-        q_beta = np.clip(np.round(beta32 * np.float32(1.0 / fmt.step)), fmt.lo, fmt.hi)
+        q_beta = np.clip(np.round(layout.beta * np.float32(1.0 / fmt.step)), fmt.lo, fmt.hi)
         low = np.where(sign > 0, q_beta, fmt.lo)
         low = np.where(flat, q_beta, low)
         high = np.where(sign < 0, q_beta, fmt.hi)
@@ -262,12 +229,12 @@ class _UNetGraph:
             x.name,
             g.constant(np.float32(x.fmt.step), "x_scale"),
             g.constant(_zero_point(x.fmt), "x_zero"),
-            g.constant(w.astype(np.int8), f"{name}.weight_codes"),
-            g.constant(w_scale.astype(np.float32), f"{name}.weight_scale"),
+            g.constant(layout.weight.astype(np.int8), f"{name}.weight_codes"),
+            g.constant(layout.weight_scale.astype(np.float32), f"{name}.weight_scale"),
             g.constant(np.zeros(channels, np.int8), f"{name}.weight_zero"),
             g.constant(np.float32(fmt.step), "y_scale"),
             g.constant(zero, "y_zero"),
-            g.constant(grid_bias.astype(np.int32), f"{name}.grid_bias"),
+            g.constant(layout.grid_bias.astype(np.int32), f"{name}.grid_bias"),
         ]
         y = g.op("QLinearConv", inputs, f"{name}.codes", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
         shape = (1, channels, 1, 1)
@@ -311,9 +278,7 @@ class _UNetGraph:
                     "coordinate_transformation_mode": "asymmetric",
                     "nearest_mode": "floor",
                 }
-            up = _Tensor(
-                g.op("Resize", [self.as_float(x).name, "", scales], "upsampled", **resize)
-            )
+            up = _Tensor(g.op("Resize", [self.as_float(x).name, "", scales], "upsampled", **resize))
             parts = [up, skips[level - 1]]
             fmt = self.formats[consumer]
             if self.form == "int8" and _fits_8_bits(fmt):
