@@ -14,7 +14,7 @@ from ..data.io import SliceSource, Volume, volume_source
 from ..data.preprocess import network_spacing, normalize, resize_slices, target_shape
 from ..errors import SettingError
 from ..modelio import SegmentationModel
-from .engine import LOG, LazyEngine, integer_note
+from .engine import LOG, LazyEngine, evaluation_mode, integer_note
 from .integer import IntegerUNet
 
 Window = tuple[int, int, int]  # slice index, top row, left column
@@ -72,7 +72,7 @@ def predict_chunks(
     (automatic: 1 on the CPU, 4 on GPUs).
     """
     if isinstance(model, nn.Module):
-        model.eval()
+        evaluation_mode(model)
     count, height, width = shape
     dims = spatial_dims(model)
     depth, tile_h, tile_w = config.window(dims)
@@ -225,7 +225,7 @@ def segment_source(
     else:
         _, rows, columns = config.window(spatial_dims(bundle.model))
         window = (min(rows, plane[0]), min(columns, plane[1]))
-        bundle.model.eval()
+        evaluation_mode(bundle.model)
         network = LazyEngine(bundle.model, config.engine, window, device, config.threshold)
     pixel_mm = network_spacing(source.spacing, bundle.preprocess)
 
