@@ -109,8 +109,8 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINES,
         default=InferConfig.engine,
-        help="what runs the network: auto (the fastest here: measured once per machine and network, then remembered), pytorch, "
-        "onnx-float or onnx-int8 (ONNX Runtime)",
+        help="what runs the network: auto (the fastest here: measured once per machine and "
+        "network, then remembered), pytorch, onnx-float or onnx-int8 (ONNX Runtime)",
     )
 
 

@@ -55,7 +55,9 @@ class Int8Layout:
 
     @property
     def flat(self) -> np.ndarray:
-        return self.sign == 0
+        """Channels whose ``alpha`` is 0 (weights 0: the clamp gives ``Q(beta)``)."""
+        flat: np.ndarray = self.sign == 0
+        return flat
 
     @property
     def grid_bias(self) -> np.ndarray:
