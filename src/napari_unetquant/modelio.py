@@ -59,6 +59,17 @@ class SegmentationModel:
     layout: str = LAYOUT_STATE_DICT
 
 
+def model_classes(bundle: SegmentationModel) -> tuple[int, ...] | None:
+    """The label values a multi-class model learnt (``info["classes"]``, two or more: its
+    network has one output channel more, channel 0 the background, channel ``i`` the value
+    ``classes[i - 1]``, softmax over channels); ``None`` for a binary model (one sigmoid
+    channel; ``info["foreground_value"]`` its label value, ``None`` any non-zero)."""
+    classes = bundle.info.get("classes")
+    if not classes or len(classes) < 2:
+        return None
+    return tuple(int(value) for value in classes)
+
+
 def quant_from_dict(data: dict[str, Any]) -> QuantConfig:
     """Rebuild a :class:`QuantConfig` from ``dataclasses.asdict`` output."""
 

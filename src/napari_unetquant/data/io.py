@@ -24,6 +24,7 @@ from .dicom import open_dicom_series
 from .folder import folder_files, open_slice_folder
 from .nifti import open_nifti
 from .pictures import open_picture
+from .preprocess import paint_label_layers
 from .tiff import open_tiff
 from .volume import (
     ARRAY_SUFFIXES,
@@ -68,6 +69,7 @@ __all__ = [
     "nifti_affine",
     "one_line",
     "open_volume",
+    "read_labels",
     "read_volume",
     "remove_partial_writes",
     "suffix_of",
@@ -121,6 +123,31 @@ def read_volume(path: str | Path) -> Volume:
     :class:`Volume` with the file's spacing and affine."""
     with open_volume(path) as source:
         return source.volume()
+
+
+LAYER_JOIN = "+"
+"""Joins label files painted into one label image: ``cord.nii.gz+gm.nii.gz``."""
+
+
+def read_labels(path: str | Path) -> Volume:
+    """A label file, or several joined by ``+`` (``cord.nii.gz+gm.nii.gz``, each an existing
+    file) painted into one in order: file ``k``'s non-zero voxels take the value ``k``, later
+    files over earlier ones (:func:`~.preprocess.paint_label_layers`), on the first file's
+    grid. A path that exists as written is always one file."""
+    text = str(path)
+    if Path(text).exists() or LAYER_JOIN not in text:
+        return read_volume(text)
+    parts = text.split(LAYER_JOIN)
+    missing = [part for part in parts if not Path(part).exists()]
+    if missing:
+        raise InputError(
+            f"{text}: no such file, and read as label files joined by '{LAYER_JOIN}' "
+            f"{', '.join(missing)} do not exist; give existing label files"
+        )
+    layers = [read_volume(part) for part in parts]
+    painted = paint_label_layers([layer.array for layer in layers], parts)
+    first = layers[0]
+    return Volume(painted, first.spacing, first.affine, text)
 
 
 def _reader_for(path: Path) -> Callable[[Path], SliceSource]:

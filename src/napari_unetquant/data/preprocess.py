@@ -74,6 +74,73 @@ def foreground_mask(
     return mask.astype(np.uint8)
 
 
+def class_indices(
+    labels: np.ndarray, classes: tuple[int, ...] | None, source: str = ""
+) -> np.ndarray:
+    """Training targets of a label image as uint8: binary ``{0, 1}`` for ``classes`` ``None``
+    (every non-zero value) or one value, else class indices ``i + 1`` where ``labels ==
+    classes[i]`` and 0 (background) everywhere else. ``source`` names the labels in errors."""
+    if classes is None or len(classes) == 1:
+        return foreground_mask(labels, None if classes is None else classes[0], source)
+    check_classes(classes)
+    foreground_mask(labels, None, source)  # the same checks of an integer label image
+    values = np.asarray(labels)
+    indices = np.zeros(values.shape, np.uint8)
+    for index, value in enumerate(classes, start=1):
+        indices[values == value] = index
+    return indices
+
+
+MAX_CLASSES = 254
+"""Most label values one model learns (class indices are uint8, 0 the background)."""
+
+
+def check_classes(classes: tuple[int, ...]) -> None:
+    """Refuse an empty, repeated or too long list of label values, saying the fix."""
+    if not classes:
+        raise ValueError("give at least one label value to learn, e.g. --classes 1,2")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"label values {list(classes)} repeat a value; name each class once")
+    if len(classes) > MAX_CLASSES:
+        raise ValueError(f"{len(classes)} classes: at most {MAX_CLASSES} label values per model")
+
+
+def class_values(indices: np.ndarray, classes: tuple[int, ...] | None) -> np.ndarray:
+    """A label map in the original label values from class indices (0 stays 0, ``i`` becomes
+    ``classes[i - 1]``), in the smallest unsigned type that holds them; binary masks (one
+    class or ``None``) stay ``{0, 1}`` uint8, as binary models have always written them."""
+    if classes is None or len(classes) == 1:
+        return np.asarray(indices, np.uint8)
+    low, high = min(classes), max(classes)
+    dtype = (
+        np.uint8
+        if low >= 0 and high <= 255
+        else np.uint16
+        if low >= 0 and high <= 65535
+        else np.int32
+    )
+    values: np.ndarray = np.array([0, *classes], dtype)[np.asarray(indices)]
+    return values
+
+
+def paint_label_layers(layers: list[np.ndarray], sources: list[str]) -> np.ndarray:
+    """One label image from several of the same shape, painted in order: the non-zero pixels
+    of layer ``k`` (1-based) take the value ``k``, later layers over earlier ones (``cord``
+    then ``gm``: white matter 1, grey matter 2)."""
+    if not layers:
+        raise ValueError("no label layers to paint")
+    shape = np.shape(layers[0])
+    painted = np.zeros(shape, np.uint8)
+    for value, (layer, source) in enumerate(zip(layers, sources, strict=True), start=1):
+        if np.shape(layer) != shape:
+            raise ValueError(
+                f"{source} has shape {np.shape(layer)} but {sources[0]} has {shape}; the label "
+                f"files painted into one must share the image's grid"
+            )
+        painted[foreground_mask(layer, None, source) != 0] = value
+    return painted
+
+
 def normalize(
     slices: np.ndarray,
     config: PreprocessConfig,
