@@ -1,5 +1,6 @@
 """Segmenting many or large volumes: streamed from file to file, one after another or on a
-dask cluster, with a CSV of what was done (and Dice per volume when labels are given).
+dask cluster, with a CSV of what was done (and Dice per volume when labels are given: per
+class too for multi-class models, whose masks are label maps in the label values they learnt).
 
 Every volume is read a few slices at a time and its mask written as it is made
 (:func:`~napari_unetquant.infer.predict.segment_source`,
@@ -22,6 +23,7 @@ import torch
 
 from .config import MASK_FORMATS, InferConfig
 from .data.io import (
+    LAYER_JOIN,
     MASK_SUFFIXES,
     PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -31,23 +33,24 @@ from .data.io import (
     check_readable,
     labels_on_image_grid,
     open_volume,
-    read_volume,
+    read_labels,
     suffix_of,
     write_csv,
     write_mask_stream,
 )
-from .data.preprocess import foreground_mask
+from .data.preprocess import class_indices, class_values, foreground_mask
 from .devices import inference_device
 from .errors import SettingError
-from .infer.predict import segment_source
-from .metrics import SegmentationScores, segmentation_scores
-from .modelio import SegmentationModel, check_grey_input, load_model
+from .infer.predict import predicted_classes, segment_source
+from .metrics import ClassScores, Scores, class_scores, pooled_scores, segmentation_scores
+from .modelio import SegmentationModel, check_grey_input, load_model, model_classes
 
 
 @dataclass(frozen=True)
 class SegmentedFile:
     """One volume of a batch: where its mask went, and its scores when labels were given
-    (``error`` instead when it failed: the other volumes go on)."""
+    (:class:`~napari_unetquant.metrics.ClassScores` for a multi-class model; ``error``
+    instead when it failed: the other volumes go on)."""
 
     image: str
     out: str
@@ -55,12 +58,14 @@ class SegmentedFile:
     shape: tuple[int, int, int] | None = None
     foreground: int = 0
     seconds: float = 0.0
-    scores: SegmentationScores | None = None
+    scores: Scores | None = None
     error: str | None = None
 
     def row(self) -> dict[str, Any]:
-        """The CSV row."""
+        """The CSV row (with ``dice_<value>``, each class's volume Dice, for a multi-class
+        model's scores)."""
         scores = self.scores
+        per_class = scores.per_class if isinstance(scores, ClassScores) else {}
         return {
             "image": self.image,
             "labels": self.labels or "",
@@ -70,6 +75,7 @@ class SegmentedFile:
             "dice_volume": f"{scores.dice_volume:.4f}" if scores else "",
             "dice_mean": f"{scores.dice_mean:.4f}" if scores else "",
             "iou_mean": f"{scores.iou_mean:.4f}" if scores else "",
+            **{f"dice_{value}": f"{s.dice_volume:.4f}" for value, s in per_class.items()},
             "seconds": f"{self.seconds:.2f}",
             "error": self.error or "",
         }
@@ -84,47 +90,83 @@ def segment_to_path(
     labels: np.ndarray | None = None,
 ) -> SegmentedFile:
     """Segment ``source`` into the mask file ``out`` (TIFF or NIfTI by suffix, atomically),
-    scoring it against the ``labels`` mask (same shape) on the way when given."""
+    scoring it against ``labels`` (same shape: :func:`label_mask`'s mask or class indices) on
+    the way when given. A binary model writes a uint8 ``{0, 1}`` mask, a multi-class one a
+    label map in the label values it learnt (0 the background)."""
     if labels is not None and labels.shape != source.shape:
         raise InputError(
             f"labels of shape {labels.shape} do not match the image {source.source} of shape "
             f"{source.shape}; give the labels drawn on this image"
         )
     start = time.perf_counter()
+    classes = model_classes(bundle)
     counts = {"foreground": 0, "done": 0}
-    parts: list[SegmentationScores] = []
+    parts: list[Scores] = []
 
     def masks() -> Iterator[np.ndarray]:
         for probabilities in segment_source(bundle, source, config, device):
-            mask = (probabilities >= config.threshold).astype(np.uint8)
+            indices = predicted_classes(probabilities, config.threshold)
             done = counts["done"]
             if labels is not None:
-                parts.append(segmentation_scores(mask, labels[done : done + len(mask)]))
-            counts["foreground"] += int(mask.sum())
-            counts["done"] = done + len(mask)
-            yield mask
+                parts.append(scores_of(indices, labels[done : done + len(indices)], classes))
+            counts["foreground"] += int(np.count_nonzero(indices))
+            counts["done"] = done + len(indices)
+            yield class_values(indices, classes)
 
-    write_mask_stream(out, masks(), source.shape, np.uint8, like=source)
+    dtype = class_values(np.zeros(0, np.uint8), classes).dtype
+    write_mask_stream(out, masks(), source.shape, dtype, like=source)
     return SegmentedFile(
         source.source,
         str(out),
         shape=source.shape,
         foreground=counts["foreground"],
         seconds=time.perf_counter() - start,
-        scores=SegmentationScores.pooled(parts) if labels is not None else None,
+        scores=pooled_scores(parts) if labels is not None else None,
     )
 
 
-def label_mask(path: str | Path, image: SliceSource, foreground_value: int | None) -> np.ndarray:
-    """The object mask (uint8) of a label file, on ``image``'s grid."""
-    labels = read_volume(path)
+def scores_of(indices: np.ndarray, truth: np.ndarray, classes: tuple[int, ...] | None) -> Scores:
+    """Scores of a run of predicted class indices against the truth's: binary masks' for
+    ``classes`` ``None``, per class otherwise."""
+    if classes is None:
+        return segmentation_scores(indices, truth)
+    return class_scores(indices, truth, classes)
+
+
+def label_mask(
+    path: str | Path,
+    image: SliceSource,
+    foreground_value: int | None,
+    classes: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """The truth (uint8) of a label file, or of several joined by ``+``
+    (:func:`~napari_unetquant.data.io.read_labels`), on ``image``'s grid: the object mask
+    (``foreground_value``, or any non-zero value) for a binary model, the class indices of a
+    multi-class model's label values ``classes``
+    (:func:`~napari_unetquant.data.preprocess.class_indices`)."""
+    labels = read_labels(path)
     array = labels_on_image_grid(labels, image)
     if array.shape != image.shape:
         raise InputError(
             f"{path} has shape {array.shape} but {image.source} has {image.shape}; labels must "
             f"be on the image's grid"
         )
-    return foreground_mask(array, foreground_value, str(path))
+    if classes is None:
+        return foreground_mask(array, foreground_value, str(path))
+    check_foreground_value(classes, foreground_value)
+    return class_indices(array, classes, str(path))
+
+
+def check_foreground_value(classes: tuple[int, ...] | None, foreground_value: int | None) -> None:
+    """Refuse a foreground value for a multi-class model (``classes`` not ``None``): each of
+    its label values is scored against the same value in the labels."""
+    if classes is not None and foreground_value is not None:
+        raise SettingError(
+            f"a foreground value ({foreground_value}) picks the one label value a binary model "
+            f"is scored against, but this model segments the label values {list(classes)} and "
+            f"scores each against the same value in the labels; leave the foreground value out",
+            "foreground_value",
+        )
 
 
 @dataclass(frozen=True)
@@ -198,7 +240,8 @@ def plan_batch(
             f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
             f"image, in the same order (or a labels folder)"
         )
-    for given in [*images, *(labels or [])]:  # a typo fails now, not after the other volumes
+    label_files = [part for given in labels or [] for part in _label_files(given)]
+    for given in [*images, *label_files]:  # a typo fails now, not after the other volumes
         check_readable(Path(given))
     outs = [str(Path(out_dir) / (_stem(i) + _mask_suffix(i, out_format))) for i in images]
     seen: set[str] = set()
@@ -225,6 +268,14 @@ def plan_batch(
             _only_labels(image, by_stem.get(_stem(image), []), labels_dir) for image in images
         ]
     return [BatchItem(i, o, lab) for i, o, lab in zip(images, outs, matched, strict=True)]
+
+
+def _label_files(path: str) -> list[str]:
+    """The files of a path: itself, or those it joins with ``+`` when it is no file itself
+    (label files painted into one, :func:`~napari_unetquant.data.io.read_labels`)."""
+    if Path(path).exists() or LAYER_JOIN not in path:
+        return [path]
+    return path.split(LAYER_JOIN)
 
 
 def _only_labels(image: str, found: list[Path], folder: str | Path) -> str:
@@ -264,8 +315,11 @@ def segment_item(
         bundle = _model(model_path)
         target = inference_device(device, config.integer)
         bundle.model.to(target)
+        classes = model_classes(bundle)
         with open_volume(item.image) as source:
-            labels = label_mask(item.labels, source, foreground_value) if item.labels else None
+            labels = (
+                label_mask(item.labels, source, foreground_value, classes) if item.labels else None
+            )
             result = segment_to_path(bundle, source, item.out, config, target, labels)
     except Exception as error:  # reported in the CSV and the exit status; the batch goes on
         message = " ".join(str(error).split()) or type(error).__name__
@@ -297,7 +351,9 @@ def segment_batch(
     if not Path(model_path).is_file():
         raise InputError(f"{model_path}: no such model file; check the path")
     # a wrong or damaged model fails the batch up front (and stays cached)
-    check_grey_input(_model(model_path), model_path)
+    bundle = _model(model_path)
+    check_grey_input(bundle, model_path)
+    check_foreground_value(model_classes(bundle), foreground_value)
     for item in items:
         Path(item.out).parent.mkdir(parents=True, exist_ok=True)
     if client is None:
@@ -334,5 +390,10 @@ CSV_FIELDS = (
 
 
 def write_scores_csv(path: str | Path, results: Sequence[SegmentedFile]) -> None:
-    """The batch's CSV, one row per volume, written atomically."""
-    write_csv(path, [result.row() for result in results], CSV_FIELDS)
+    """The batch's CSV, one row per volume, written atomically: :data:`CSV_FIELDS`, and for a
+    multi-class model's scores a ``dice_<value>`` column per class (each class's volume Dice)
+    after ``iou_mean``."""
+    rows = [result.row() for result in results]
+    per_class = dict.fromkeys(key for row in rows for key in row if key not in CSV_FIELDS)
+    at = CSV_FIELDS.index("iou_mean") + 1
+    write_csv(path, rows, [*CSV_FIELDS[:at], *per_class, *CSV_FIELDS[at:]])

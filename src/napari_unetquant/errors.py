@@ -14,6 +14,7 @@ SETTINGS = (
     "act_bits",
     "act_format",
     "batch_size",
+    "classes",
     "ct_window",
     "device",
     "edge_bits",

@@ -129,7 +129,8 @@ def test_sample_train_segment_and_dice_end_to_end(
     dice.foreground_value.value = "membrane"
     dice.compute.clicked()
     assert errors == [
-        "foreground value 'membrane' is not a whole number; leave it empty for non-zero"
+        "foreground value 'membrane' is not a whole number; leave it empty for non-zero, or "
+        "give several values separated by commas (1, 2) for several classes"
     ]
 
 

@@ -83,10 +83,11 @@ def test_segment_volume_returns_the_original_grid() -> None:
     assert probabilities.min() >= 0 and probabilities.max() <= 1
 
 
-def test_multiclass_models_are_refused_for_binary_segmentation() -> None:
+def test_networks_with_several_outputs_give_class_probabilities() -> None:
     model = build_unet(UNetConfig(base_width=2, out_classes=3))
-    with pytest.raises(ValueError, match="3 output classes"):
-        predict_probabilities(model, np.zeros((1, 16, 16), np.float32), InferConfig())
+    probabilities = predict_probabilities(model, np.zeros((1, 16, 16), np.float32), InferConfig())
+    assert probabilities.shape == (1, 3, 16, 16) and probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
 def _blended_reference(

@@ -36,6 +36,10 @@ from ._io import read_layers
 CSV_NAME = "segment.csv"
 
 
+BINARY = {"dice_volume", "dice_mean"}
+"""The Dice columns of every row (for a multi-class model: of its foreground, any class)."""
+
+
 class BatchWidget(Dock):
     """Segment many files with a model file, streamed a few slices at a time (volumes larger
     than memory work); masks and ``segment.csv`` go to the output folder, Dice per volume
@@ -142,12 +146,14 @@ class BatchWidget(Dock):
     def _show(self, result: SegmentedFile) -> None:
         self.results.append(result)
         rows = [result.row() for result in self.results]
+        # a multi-class model's rows have a Dice column per class (dice_<label value>)
+        per_class = sorted({k for row in rows for k in row if k.startswith("dice_")} - BINARY)
+        keys = ["dice_volume", *per_class, "foreground_voxels", "error"]
+        names = ["Dice", *(f"Dice {k.removeprefix('dice_')}" for k in per_class)]
         self.table.value = {
-            "data": [
-                [row[k] for k in ("dice_volume", "foreground_voxels", "error")] for row in rows
-            ],
+            "data": [[row.get(k, "") for k in keys] for row in rows],
             "index": [Path(row["image"]).name for row in rows],
-            "columns": ["Dice", "foreground voxels", "error"],
+            "columns": [*names, "foreground voxels", "error"],
         }
         if result.error is None and self.open_masks.value:
             for data, meta, _ in read_layers(result.out):

@@ -29,7 +29,7 @@ from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QWidge
 
 from ..config import PreprocessConfig, UNetConfig
 from ..data.io import SliceSource, Volume, array_source
-from ..data.preprocess import foreground_mask, label_values
+from ..data.preprocess import check_classes, class_indices, foreground_mask, label_values
 from ..errors import settings_hint
 from ..modelio import _preprocess_from_dict, read_metadata
 from ..recipes import QuantChoice
@@ -99,12 +99,37 @@ def foreground_number(value: str) -> int | None:
         return int(text)
     except ValueError:
         raise ValueError(
-            f"foreground value {value!r} is not a whole number; leave it empty for non-zero"
+            f"foreground value {value!r} is not a whole number; leave it empty for non-zero, "
+            f"or give several values separated by commas (1, 2) for several classes"
         ) from None
 
 
+def label_classes(value: str) -> tuple[int, ...] | None:
+    """Several label values typed in a training dock (``1, 2``): the classes of one
+    multi-class model; ``None`` for one value or none (a binary model)."""
+    if "," not in value:
+        foreground_number(value)  # the same checks and message
+        return None
+    classes = tuple(foreground_number(part) for part in value.split(",") if part.strip())
+    if any(number is None for number in classes):
+        raise ValueError(f"label values {value!r}: give whole numbers separated by commas")
+    found = tuple(int(number) for number in classes if number is not None)
+    check_classes(found)
+    return found if len(found) > 1 else None
+
+
 def foreground(labels: np.ndarray, value: str) -> np.ndarray:
-    """The object mask of a labels array: ``value`` empty means every non-zero label."""
+    """The training target of a labels array: the object mask (``value`` empty means every
+    non-zero label), or class indices for several values (:func:`label_classes`)."""
+    classes = label_classes(value)
+    if classes is not None:
+        missing = [v for v in classes if not (np.asarray(labels) == v).any()]
+        if missing:
+            raise ValueError(
+                f"no pixel of the labels has the value {', '.join(map(str, missing))}; they "
+                f"hold {label_values(labels)}; choose among those"
+            )
+        return class_indices(labels, classes)
     number = foreground_number(value)
     if number is None:
         return foreground_mask(labels)
@@ -256,6 +281,7 @@ CONTROLS = {
     "act_bits": "activation bits",
     "act_format": "paper formats",
     "batch_size": "",
+    "classes": "",
     "ct_window": "intensity",
     "device": "device",
     "edge_bits": "",
@@ -506,7 +532,10 @@ class TrainingInputs(Dock):
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.ground_truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
-        self.foreground_value.tooltip = "label value of the object; empty: every non-zero label"
+        self.foreground_value.tooltip = (
+            "label value of the object; empty: every non-zero label; several values "
+            "separated by commas (1, 2): one model of several classes"
+        )
         self.values_held = values_label(self.ground_truth)
         self.network_width = SpinBox(
             value=UNetConfig.base_width, min=4, max=128, step=4, label="network width"

@@ -7,11 +7,13 @@ from typing import Any
 import napari
 from magicgui.widgets import Label, LineEdit, PushButton, Select, Table, create_widget
 
-from ..metrics import SegmentationScores, segmentation_scores
+from ..data.preprocess import class_indices
+from ..metrics import ClassScores, SegmentationScores, class_scores, segmentation_scores
 from ._common import (
     PREDICTION_KEY,
     Dock,
     foreground,
+    label_classes,
     layer_volume,
     notify_error,
     show_rows,
@@ -32,7 +34,10 @@ class DiceWidget(Dock):
         self._viewer = napari_viewer
         self.truth = create_widget(annotation=napari.layers.Labels, label="ground truth")
         self.foreground_value = LineEdit(value="", label="foreground value")
-        self.foreground_value.tooltip = "ground-truth label of the object; empty: non-zero"
+        self.foreground_value.tooltip = (
+            "ground-truth label of the object; empty: non-zero (or the classes the predictions' "
+            "model learnt); several values separated by commas (1, 2): a column per class"
+        )
         self.values_held = values_label(self.truth)
         self.predictions = Select(choices=self._labels_layers, label="predictions")
         self.predictions.native.setMaximumHeight(PREDICTION_LIST_HEIGHT)  # results stay in view
@@ -55,7 +60,7 @@ class DiceWidget(Dock):
         )
         self.compute.clicked.connect(self.run)
         self.table.native.cellClicked.connect(self.go_to_slice)
-        self.scores: dict[str, SegmentationScores] = {}
+        self.scores: dict[str, SegmentationScores | ClassScores] = {}
         self.scored = ""
         self._scored_truth: str | None = None
         napari_viewer.layers.events.removed.connect(self._forget_removed)
@@ -75,21 +80,28 @@ class DiceWidget(Dock):
         ]
 
     def run(self) -> None:
-        """Score every chosen prediction (the Compute button); non-zero labels are foreground."""
+        """Score every chosen prediction (the Compute button): the object's mask, or each
+        class of a multi-class model (label values typed as ``1, 2``, or those the chosen
+        predictions' model learnt) with a column per class."""
         try:
             if self.truth.value is None or not self.predictions.value:
                 raise ValueError("choose a ground-truth layer and at least one prediction")
             value, self.scored = self._foreground_value()
+            classes = label_classes(value)
             truth = foreground(layer_volume(self.truth.value).array, value)
             self.scores = {}
             for layer in self.predictions.value:
-                prediction = layer_volume(layer).array != 0
-                if prediction.shape != truth.shape:
+                labels = layer_volume(layer).array
+                if labels.shape != truth.shape:
                     raise ValueError(
-                        f"{layer.name!r} has shape {prediction.shape} but the ground truth has "
+                        f"{layer.name!r} has shape {labels.shape} but the ground truth has "
                         f"{truth.shape}; compare layers of the same image"
                     )
-                self.scores[layer.name] = segmentation_scores(prediction, truth)
+                if classes is None:
+                    self.scores[layer.name] = segmentation_scores(labels != 0, truth)
+                else:
+                    predicted = class_indices(labels, classes, layer.name)
+                    self.scores[layer.name] = class_scores(predicted, truth, classes)
         except ValueError as error:
             notify_error(error)
             return
@@ -97,15 +109,18 @@ class DiceWidget(Dock):
         self._show()
 
     def _foreground_value(self) -> tuple[str, str]:
-        """The ground-truth value to score and how to say it: the one typed, else the value
-        the chosen predictions' model was trained on (when they agree), else non-zero."""
+        """The ground-truth value(s) to score and how to say it: those typed, else what the
+        chosen predictions' model was trained on (when they agree: its classes, or its
+        foreground value), else non-zero."""
         typed = self.foreground_value.value.strip()
         if typed:
             return typed, f"ground-truth value {typed}"
-        trained = {
-            layer.metadata.get(PREDICTION_KEY, {}).get("foreground_value")
-            for layer in self.predictions.value
-        }
+        made_by = [layer.metadata.get(PREDICTION_KEY, {}) for layer in self.predictions.value]
+        learnt = {tuple(m["classes"]) if m.get("classes") else None for m in made_by}
+        if len(learnt) == 1 and (classes := learnt.pop()) is not None:
+            text = ", ".join(map(str, classes))
+            return text, f"ground-truth values {text} (the classes the model learnt)"
+        trained = {m.get("foreground_value") for m in made_by}
         if len(trained) == 1 and (value := trained.pop()) is not None:
             return str(value), f"ground-truth value {value} (the value the model was trained on)"
         return "", "non-zero ground truth"
@@ -122,16 +137,26 @@ class DiceWidget(Dock):
             self.summary.value, self.table.value = "", [[]]
 
     def _show(self) -> None:
-        self.summary.value = f"scoring {self.scored}\n" + "\n".join(
-            f"{name}: mean Dice {s.dice_mean:.4f}, volume Dice {s.dice_volume:.4f}, "
-            f"IoU {s.iou_mean:.4f}"
-            for name, s in self.scores.items()
-        )
+        lines = []
+        columns: dict[str, list[float]] = {}
+        for name, s in self.scores.items():
+            if isinstance(s, ClassScores):
+                each = ", ".join(f"{value}: {c.dice_mean:.4f}" for value, c in s.per_class.items())
+                lines.append(
+                    f"{name}: mean Dice over classes {s.dice_mean_over_classes:.4f} ({each}), "
+                    f"IoU {s.iou_mean_over_classes:.4f}"
+                )
+                for value, c in s.per_class.items():
+                    columns[f"Dice {name} [{value}]"] = [round(d, 4) for d in c.dice_per_slice]
+            else:
+                lines.append(
+                    f"{name}: mean Dice {s.dice_mean:.4f}, volume Dice {s.dice_volume:.4f}, "
+                    f"IoU {s.iou_mean:.4f}"
+                )
+                columns[f"Dice {name}"] = [round(d, 4) for d in s.dice_per_slice]
+        self.summary.value = f"scoring {self.scored}\n" + "\n".join(lines)
         slices = next(iter(self.scores.values())).n_slices
-        columns: dict[str, list[float]] = {"slice": list(range(slices))}
-        for name, scores in self.scores.items():
-            columns[f"Dice {name}"] = [round(d, 4) for d in scores.dice_per_slice]
-        self.table.value = columns
+        self.table.value = {"slice": list(range(slices)), **columns}
 
     def go_to_slice(self, row: int, _column: int = 0) -> None:
         """Move the viewer to slice ``row`` of the ground truth (a table click)."""

@@ -25,7 +25,7 @@ from ..config import ENGINES, InferConfig
 from ..devices import resolve_device
 from ..infer.engine import integer_note, last_choice
 from ..jobs import segment_array
-from ..modelio import SegmentationModel, check_grey_input, load_model
+from ..modelio import SegmentationModel, check_grey_input, load_model, model_classes
 from ..quant import bit_report
 from . import _session
 from ._common import (
@@ -207,10 +207,17 @@ class SegmentWidget(Dock):
     ) -> None:
         mask = mask if layer.ndim == 3 else mask[0]
         suffix = " integer" if self.integer.value else ""
-        made_by = {
+        classes = model_classes(bundle)
+        made_by: dict[str, Any] = {
             "model": bundle.quant.label,
             "foreground_value": bundle.info.get("foreground_value"),
         }
+        if classes is not None:
+            made_by["classes"] = list(classes)
+        # one colour for a binary mask; napari's own colour per value for several classes
+        colours = DirectLabelColormap(
+            color_dict={None: PREDICTION_COLOUR, 0: "transparent", 1: PREDICTION_COLOUR}
+        )
         self._viewer.add_labels(
             mask,
             name=f"{layer.name} {bundle.quant.label}{suffix}",
@@ -218,10 +225,12 @@ class SegmentWidget(Dock):
             translate=layer.translate,
             affine=layer.affine,  # the image's display orientation (radiological for NIfTI)
             metadata={**layer.metadata, PREDICTION_KEY: made_by},
-            colormap=DirectLabelColormap(
-                color_dict={None: PREDICTION_COLOUR, 0: "transparent", 1: PREDICTION_COLOUR}
-            ),
+            **({"colormap": colours} if classes is None else {}),
         )
-        status = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"
+        if classes is None:
+            status = f"{int(mask.sum())} foreground pixels in {seconds:.1f} s"
+        else:
+            counts = ", ".join(f"{int((mask == v).sum())} of value {v}" for v in classes)
+            status = f"pixels per class: {counts}, in {seconds:.1f} s"
         self.status.value = f"{status}; {how}" if how else status
         self.status.tooltip = how

@@ -29,6 +29,7 @@ from ._common import (
     Persistent,
     TrainingInputs,
     foreground_number,
+    label_classes,
     notify_error,
     show_rows,
     start_worker,
@@ -122,6 +123,7 @@ class SweepWidget(TrainingInputs):
 
     def job(self) -> SweepJob:
         """The sweep the controls ask for (read here, on the GUI thread)."""
+        classes = label_classes(self.foreground_value.value)
         labels = [part for part in self.settings.value.split(",") if part.strip()]
         if not labels:
             raise ValueError(f"list the settings to compare, e.g. {DEFAULT_SETTINGS}")
@@ -130,7 +132,8 @@ class SweepWidget(TrainingInputs):
             fp_steps=self.fp_steps.value,
             fine_tune_steps=self.quant_steps.value,
             unet=UNetConfig(base_width=self.network_width.value),
-            foreground_value=foreground_number(self.foreground_value.value),
+            foreground_value=None if classes else foreground_number(self.foreground_value.value),
+            classes=classes,
         )
 
     @staticmethod

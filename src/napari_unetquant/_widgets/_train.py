@@ -27,7 +27,11 @@ from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..devices import resolve_device
 from ..events import Event, StepEvent
 from ..jobs import TrainingRun, check_training_data, start_training
-from ..jobs.training import check_fine_tune_foreground, check_fine_tune_window
+from ..jobs.training import (
+    check_fine_tune_classes,
+    check_fine_tune_foreground,
+    check_fine_tune_window,
+)
 from ..modelio import SegmentationModel, save_model
 from ..packed import has_quantized_weights
 from ..recipes import ACT_BITS, DOCK_STEPS, WEIGHT_BITS, meaning, train_config
@@ -41,6 +45,7 @@ from ._common import (
     Persistent,
     TrainingInputs,
     foreground_number,
+    label_classes,
     not_hu_warning,
     notify_error,
     quant_choice,
@@ -183,8 +188,10 @@ class TrainWidget(TrainingInputs):
         resolve_device(config.device)  # a missing CUDA/MPS is an error now, not in the thread
         unet = UNetConfig(base_width=self.network_width.value, spatial_dims=self.network.value)
         check_training_data(image, labels, init)
-        value = foreground_number(self.foreground_value.value)
+        classes = label_classes(self.foreground_value.value)
+        value = None if classes else foreground_number(self.foreground_value.value)
         check_fine_tune_foreground(init, value)  # a fine-tune segments its model's object
+        check_fine_tune_classes(init, classes)
         ct_window = self.ct.window()
         check_fine_tune_window(init, ct_window)  # the z-score too: a fine-tune keeps its own
         name = f"image {self.image.value.name!r}" if self.image.value is not None else "the image"
@@ -193,7 +200,15 @@ class TrainWidget(TrainingInputs):
                 f"{why}; a CT window suits CT images: for others, choose intensity 'z-score'"
             )
         return lambda: start_training(
-            image, labels, quant, config, unet, init, ct_window, foreground_value=value
+            image,
+            labels,
+            quant,
+            config,
+            unet,
+            init,
+            ct_window,
+            foreground_value=value,
+            classes=classes,
         )
 
     def run(self) -> None:

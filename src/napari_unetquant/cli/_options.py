@@ -12,6 +12,7 @@ OPTIONS = {
     "act_bits": "--act-bits",
     "act_format": "--act-format",
     "batch_size": "--batch-size",
+    "classes": "--classes",
     "ct_window": "--ct-window",
     "intensity": "--intensity",
     "device": "--device",

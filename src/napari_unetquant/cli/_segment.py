@@ -11,7 +11,7 @@ from typing import Any
 from ..batch import list_volumes, plan_batch, segment_batch, write_scores_csv
 from ..config import MASK_FORMATS
 from ..jobs import evaluate_files, segment_to_file
-from ..metrics import SegmentationScores
+from ..metrics import ClassScores, Scores, pooled_scores
 from ..modelio import check_grey_input, load_model
 from ._options import add_infer_arguments, infer_config
 
@@ -29,12 +29,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     batch.add_argument("--input-dir", metavar="DIR", help="segment every volume in this folder")
     batch.add_argument("--out-dir", metavar="DIR", help="where the masks and the CSV go")
     batch.add_argument(
-        "--labels", nargs="+", metavar="PATH", help="labels per image (same order): Dice in the CSV"
+        "--labels",
+        nargs="+",
+        metavar="PATH",
+        help="labels per image (same order; a+b paints files a, b as values 1, 2): Dice in the CSV",
     )
     batch.add_argument(
         "--labels-dir", metavar="DIR", help="labels named like the images: Dice in the CSV"
     )
-    batch.add_argument("--foreground-value", type=int, metavar="V", help="label value scored")
+    batch.add_argument(
+        "--foreground-value",
+        type=int,
+        metavar="V",
+        help="label value scored (binary models; a multi-class model scores each of its values)",
+    )
     batch.add_argument("--csv", metavar="PATH", help="the CSV's path (default OUT_DIR/segment.csv)")
     batch.add_argument(
         "--out-format",
@@ -54,7 +62,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--images", nargs="+", required=True, metavar="PATH")
     evaluate.add_argument("--labels", nargs="+", required=True, metavar="PATH")
-    evaluate.add_argument("--foreground-value", type=int, metavar="V")
+    evaluate.add_argument(
+        "--foreground-value",
+        type=int,
+        metavar="V",
+        help="label value scored (binary models; a multi-class model scores each of its values)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_infer_arguments(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
@@ -116,7 +129,8 @@ def _segment_batch(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.error]
     scored = [r.scores for r in results if r.scores is not None]
     if scored:
-        print(f"volume Dice {SegmentationScores.pooled(scored).dice_volume:.4f} over all voxels")
+        pooled = pooled_scores(scored)
+        print(f"volume Dice {pooled.dice_volume:.4f} over all voxels{_per_class_text(pooled)}")
     if failed:
         print(f"{len(failed)} of {len(items)} volume(s) failed (see the CSV)", file=sys.stderr)
         return 1
@@ -145,7 +159,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_files(
         bundle, args.images, args.labels, args.foreground_value, infer_config(args), args.device
     )
-    pooled = SegmentationScores.pooled(scores)
+    pooled = pooled_scores(scores)
     if args.json:
         result: dict[str, object] = dict(pooled.as_dict())
         result["per_image"] = [
@@ -154,9 +168,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     for image, s in zip(args.images, scores, strict=True):
-        print(f"{image}: Dice {s.dice_mean:.4f} (volume {s.dice_volume:.4f}), {s.n_slices} slices")
+        print(
+            f"{image}: Dice {s.dice_mean:.4f} (volume {s.dice_volume:.4f}), {s.n_slices} slices"
+            f"{_per_class_text(s)}"
+        )
     print(
         f"mean Dice {pooled.dice_mean:.4f}  volume Dice {pooled.dice_volume:.4f}  "
-        f"mean IoU {pooled.iou_mean:.4f}  over {pooled.n_slices} slices"
+        f"mean IoU {pooled.iou_mean:.4f}  over {pooled.n_slices} slices{_per_class_text(pooled)}"
     )
     return 0
+
+
+def _per_class_text(scores: Scores) -> str:
+    """A multi-class model's mean Dice per label value, after its foreground scores (nothing
+    for a binary model's)."""
+    if not isinstance(scores, ClassScores):
+        return ""
+    each = ", ".join(f"{value} {s.dice_mean:.4f}" for value, s in scores.per_class.items())
+    return f"; mean Dice per class: {each} (mean over classes {scores.dice_mean_over_classes:.4f})"

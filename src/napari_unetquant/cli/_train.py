@@ -23,7 +23,7 @@ from ..config import (
     UNetConfig,
 )
 from ..events import StepEvent, ValidationEvent
-from ..jobs import TrainJob, train_model
+from ..jobs import ALL_CLASSES, TrainJob, train_model
 from ..modelio import read_metadata
 from ..packed import LAYOUT_PACKED
 from ..recipes import FINE_TUNE_LEARNING_RATE, FINE_TUNE_STEPS, train_config
@@ -54,6 +54,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=int,
         metavar="V",
         help="label value of the object (default: every non-zero value)",
+    )
+    train.add_argument(
+        "--classes",
+        type=_classes,
+        metavar="V,V,...",
+        help="label values to learn as classes of one multi-class model (softmax; e.g. 1,2), "
+        "or 'all' (every non-zero value in the training labels); a label path may join files "
+        "painted in order, later over earlier, file k as value k: cord.nii.gz+gm.nii.gz",
     )
     add_quant_arguments(train)
     train.add_argument(
@@ -241,7 +249,21 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         resume=args.resume,
         checkpoint_seconds=args.checkpoint_seconds,
         save_float=args.save_float,
+        classes=args.classes,
     )
+
+
+def _classes(text: str) -> tuple[int, ...] | str:
+    """``--classes``: ``all`` or comma-separated integer label values."""
+    if text.strip().lower() == ALL_CLASSES:
+        return ALL_CLASSES
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give integer label values separated by commas (1,2) or 'all'"
+        ) from None
+    return values
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ MAX_CLASSES = 254
 def check_classes(classes: tuple[int, ...]) -> None:
     """Refuse an empty, repeated or too long list of label values, saying the fix."""
     if not classes:
-        raise ValueError("give at least one label value to learn, e.g. --classes 1,2")
+        raise ValueError("give at least one label value to learn, e.g. 1 and 2")
     if len(set(classes)) != len(classes):
         raise ValueError(f"label values {list(classes)} repeat a value; name each class once")
     if len(classes) > MAX_CLASSES:

@@ -3,7 +3,6 @@ convolution, requantization, pooling, upsampling, conversions between codes and 
 and ``main``. :mod:`.export_c` fills in the network (its constant arrays and the dataflow) and
 the header comment. The C follows ``docs/integer-format.md`` operation for operation."""
 
-
 from __future__ import annotations
 
 HEADER_H = """\

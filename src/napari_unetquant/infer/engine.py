@@ -254,7 +254,8 @@ def select_engine(
 
     ``engine`` ``"auto"`` runs every candidate (:func:`candidates`) on ``sample`` (a window the
     caller is about to segment; random values when ``None``), drops an ONNX Runtime engine whose
-    mask at ``threshold`` differs from the PyTorch model's on more than 0.01% of its pixels,
+    mask at ``threshold`` (a multi-class model's most probable class, :func:`window_classes`)
+    differs from the PyTorch model's on more than 0.01% of its pixels,
     and keeps the fastest of the rest (median of ``rounds`` interleaved timings). A named
     engine is used as asked (``SettingError`` when it cannot run here). Choices are kept per
     model (until its parameters change), window, device, engine and thread count.
@@ -311,17 +312,25 @@ def _measured(
         channels = model.config.in_channels if isinstance(model, UNet) else 1
         sample = torch.randn((1, channels, *window), generator=torch.Generator().manual_seed(0))
     times, outputs = _race(networks, sample, rounds)
-    logit = math.log(threshold / (1 - threshold))
-    reference = outputs["pytorch"].cpu() >= logit
+    reference = window_classes(outputs["pytorch"], threshold)
     rejected = []
     for name, output in outputs.items():
-        agreement = float(((output.cpu() >= logit) == reference).float().mean())
+        agreement = float((window_classes(output, threshold) == reference).float().mean())
         if agreement < AGREEMENT:
             rejected.append(f"{name} reproduced {100 * agreement:.3f}% of the mask")
     accepted = [name for name in times if not any(r.startswith(f"{name} ") for r in rejected)]
     best = min(accepted, key=times.__getitem__)
     reason = "measured" + (f"; not {', '.join(rejected)}" if rejected else "")
     return networks[best], EngineChoice(best, window, times, reason)
+
+
+def window_classes(logits: Tensor, threshold: float) -> Tensor:
+    """The classes of windows' logits ``(N, C, H, W)``, on the CPU, as segmentation makes them:
+    ``logit >= logit(threshold)`` for one channel (``(N, 1, H, W)`` bool), the most probable
+    channel for several (``(N, H, W)`` int64; softmax keeps the order of logits)."""
+    if logits.shape[1] == 1:
+        return logits.cpu() >= math.log(threshold / (1 - threshold))
+    return logits.cpu().argmax(dim=1)
 
 
 # --- measurements remembered between processes -----------------------------------------------

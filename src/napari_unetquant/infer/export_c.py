@@ -676,9 +676,7 @@ def _sources(
     nearest = _upsample_mode(description) == "nearest"
     upsampling = UPSAMPLING[_upsample_mode(description)].strip("\n")
     kernels = kernels.replace("%(upsampling)s", upsampling)
-    program = (
-        _header_comment(description, info or {}) + kernels + _network_c(steps, nearest) + MAIN
-    )
+    program = _header_comment(description, info or {}) + kernels + _network_c(steps, nearest) + MAIN
     return {"unet.h": header, "weights.c": weights_text, "unet.c": program}, description
 
 
@@ -706,11 +704,17 @@ def _check_model(model: nn.Module) -> None:
             "weight_bits",
             "act_bits",
         )
-    if config.out_classes != 1 or config.in_channels != 1:
+    if config.out_classes != 1:
         raise SettingError(
-            f"C export runs binary segmentation of single-channel slices; this model has "
-            f"{config.in_channels} input channel(s) and {config.out_classes} output classes: "
-            f"export it as a packed or ONNX file instead"
+            f"C export writes a binary mask (one sigmoid channel, thresholded); this model has "
+            f"{config.out_classes} output classes (a multi-class model, which needs the most "
+            f"probable class per pixel): export it as an ONNX file or as the integer network "
+            f"instead, whose metadata name each channel's label value"
+        )
+    if config.in_channels != 1:
+        raise SettingError(
+            f"C export runs single-channel slices; this model has {config.in_channels} input "
+            f"channels: export it as a packed or ONNX file instead"
         )
 
 
@@ -745,4 +749,3 @@ def export_c(
             shutil.rmtree(temporary)
     weight_bytes = sum(_layer_weight_bytes(layer) for layer in description["layers"])
     return CExport(str(target), C_FILES, weight_bytes, description)
-

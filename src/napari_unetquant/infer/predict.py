@@ -13,7 +13,7 @@ from ..config import InferConfig
 from ..data.io import SliceSource, Volume, volume_source
 from ..data.preprocess import network_spacing, normalize, resize_slices, target_shape
 from ..errors import SettingError
-from ..modelio import SegmentationModel
+from ..modelio import SegmentationModel, model_classes
 from .engine import LOG, LazyEngine, evaluation_mode, integer_note
 from .integer import IntegerUNet
 
@@ -59,12 +59,14 @@ def predict_chunks(
     config: InferConfig,
     device: torch.device | str = "cpu",
 ) -> Iterator[np.ndarray]:
-    """Foreground probabilities of ``shape`` ``(S, H, W)`` normalised slices, streamed.
+    """Probabilities of ``shape`` ``(S, H, W)`` normalised slices, streamed.
 
     ``read(start, stop)`` returns slices ``[start, stop)`` (float32); each is asked for once,
-    in order, when the first window needing it runs. Yields runs of finished probability slices
-    ``(k, H, W)`` float32, in order: a slice is yielded and forgotten as soon as no later window
-    covers it, so memory holds a few windows' worth of slices whatever ``S`` is.
+    in order, when the first window needing it runs. Yields runs of finished slices in order:
+    ``(k, H, W)`` float32 foreground probabilities (sigmoid) for a network with one output
+    channel, ``(k, C, H, W)`` float32 class probabilities (softmax over its ``C`` channels,
+    channel 0 the background) for one with several. A slice is yielded and forgotten as soon as
+    no later window covers it, so memory holds a few windows' worth of slices whatever ``S`` is.
 
     2D networks see ``config.tile`` squares of single slices; 3D networks see
     ``config.tile_3d`` boxes of consecutive slices. Overlapping windows are blended with
@@ -92,7 +94,7 @@ def predict_chunks(
     ]
     batch_size = config.batch_size or (1 if torch.device(device).type == "cpu" else 4)
     inputs = _SliceWindow(read, count, (height, width))
-    sums = _SliceWindow(None, count, (height, width))
+    sums: _SliceWindow | None = None  # (H, W) or (C, H, W) per slice: known from the first logits
     norms = _SliceWindow(None, count, (height, width))
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size]
@@ -100,31 +102,50 @@ def predict_chunks(
             [inputs.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] for d, r, c in batch]
         )  # (B, depth, h, w): for 2D networks depth is 1 and serves as the channel axis
         logits = model(torch.from_numpy(tiles if dims == 2 else tiles[:, None]).to(device))
-        if logits.shape[1] != 1:
-            raise ValueError(
-                f"the model has {logits.shape[1]} output classes; segmentation here is binary "
-                f"(one foreground class)"
-            )
-        probabilities = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+        probabilities = _window_probabilities(logits, dims)
+        if sums is None:
+            sums = _SliceWindow(None, count, (*probabilities.shape[2:-2], height, width))
+        weighting = weights if probabilities.ndim == 4 else weights[:, None]
         for (d, r, c), probability in zip(batch, probabilities, strict=True):
-            sums.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] += probability * weights
+            sums.get(d, d + depth)[..., r : r + tile_h, c : c + tile_w] += probability * weighting
             norms.get(d, d + depth)[:, r : r + tile_h, c : c + tile_w] += weights
         done = windows[first + batch_size][0] if first + batch_size < len(windows) else count
         inputs.drop_before(done)
         finished = sums.drop_before(done)
         if len(finished):
-            yield finished / norms.drop_before(done)
+            norm = norms.drop_before(done)
+            yield finished / (norm if finished.ndim == 3 else norm[:, None])
+
+
+def _window_probabilities(logits: Tensor, dims: int) -> np.ndarray:
+    """Windows' logits ``(B, C, [D,] h, w)`` as probabilities per slice: ``(B, depth, h, w)``
+    sigmoid for one channel, ``(B, depth, C, h, w)`` softmax over channels for several."""
+    if logits.shape[1] == 1:
+        binary = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
+        return binary if dims == 3 else binary[:, None]
+    classes = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return classes.transpose(0, 2, 1, 3, 4) if dims == 3 else classes[:, None]
+
+
+def predicted_classes(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """Class indices (uint8) of a run of probabilities from :func:`segment_source`: ``(k, H,
+    W)`` foreground probabilities give ``p >= threshold`` (0 or 1); ``(k, C, H, W)`` class
+    probabilities give the most probable channel (0 the background; ``threshold`` unused)."""
+    if probabilities.ndim == 4:
+        return np.asarray(probabilities.argmax(axis=1), np.uint8)
+    return (probabilities >= threshold).astype(np.uint8)
 
 
 class _SliceWindow:
-    """Slices ``[first, first + len)`` of an ``(S, H, W)`` float32 stack, kept in memory while
-    windows need them: :meth:`get` reads (or, with no reader, zero-fills) up to a slice,
-    :meth:`drop_before` hands back and forgets what no window needs any more."""
+    """Slices ``[first, first + len)`` of an ``(S, *plane)`` float32 stack (``plane`` ``(H, W)``
+    or ``(C, H, W)``), kept in memory while windows need them: :meth:`get` reads (or, with no
+    reader, zero-fills) up to a slice, :meth:`drop_before` hands back and forgets what no
+    window needs any more."""
 
     READ_AHEAD = 8  # slices read per call of the reader, at least
 
     def __init__(
-        self, read: Callable[[int, int], np.ndarray] | None, count: int, plane: tuple[int, int]
+        self, read: Callable[[int, int], np.ndarray] | None, count: int, plane: tuple[int, ...]
     ) -> None:
         self._read, self._count, self._plane = read, count, plane
         self._first = 0
@@ -157,8 +178,9 @@ def predict_probabilities(
     config: InferConfig,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Foreground probabilities ``(S, H, W)`` float32 of normalised slices ``(S, H, W)``
-    (:func:`predict_chunks` over an array held in memory)."""
+    """Probabilities of normalised slices ``(S, H, W)``: ``(S, H, W)`` float32 foreground
+    probabilities, or ``(S, C, H, W)`` class probabilities for a network with ``C`` output
+    channels (:func:`predict_chunks` over an array held in memory)."""
     shape = (slices.shape[0], slices.shape[1], slices.shape[2])
     chunks = predict_chunks(model, lambda a, b: slices[a:b], shape, config, device)
     return np.concatenate(list(chunks))
@@ -203,13 +225,18 @@ def segment_source(
     config: InferConfig,
     device: torch.device | str = "cpu",
 ) -> Iterator[np.ndarray]:
-    """Foreground probabilities on ``source``'s own grid, as runs of ``(k, H, W)`` float32
-    slices in order, reading the image as the windows need it.
+    """Probabilities on ``source``'s own grid, as runs of slices in order, reading the image as
+    the windows need it: ``(k, H, W)`` float32 foreground probabilities for a binary model,
+    ``(k, C, H, W)`` float32 class probabilities for a multi-class one (channel 0 the
+    background, channel ``i`` the label value ``model_classes(bundle)[i - 1]``).
+    :func:`predicted_classes` turns either into class indices.
 
     Each slice is resampled and normalised as in training (the model file's preprocessing: both
-    are in-plane, so slice by slice), predicted, and its probabilities resampled back before
-    any thresholding. Memory stays a few windows' worth of slices, whatever the image's depth.
+    are in-plane, so slice by slice), predicted, and its probabilities resampled back (class by
+    class) before any thresholding. Memory stays a few windows' worth of slices, whatever the
+    image's depth.
     """
+    check_outputs(bundle)
     plane = target_shape(source.shape[1:], source.spacing, bundle.preprocess)
     network: Callable[[Tensor], Tensor] = bundle.model
     if config.integer:
@@ -236,7 +263,25 @@ def segment_source(
 
     original = (source.shape[1], source.shape[2])
     for chunk in predict_chunks(network, read, (source.shape[0], *plane), config, device):
-        yield np.clip(resize_slices(chunk, original, order=1), 0.0, 1.0)
+        if chunk.ndim == 4:  # (k, C, H, W): each class's plane resized like a binary one
+            planes = resize_slices(chunk.reshape(-1, *chunk.shape[2:]), original, order=1)
+            resized = planes.reshape(*chunk.shape[:2], *original)
+        else:
+            resized = resize_slices(chunk, original, order=1)
+        yield np.clip(resized, 0.0, 1.0)
+
+
+def check_outputs(bundle: SegmentationModel) -> None:
+    """Refuse a model whose network's output channels do not match its classes (one for a
+    binary model, one more than its label values for a multi-class one)."""
+    classes = model_classes(bundle)
+    expected = 1 if classes is None else len(classes) + 1
+    if bundle.unet.out_classes != expected:
+        learnt = "no class list (a binary model)" if classes is None else f"classes {list(classes)}"
+        raise ValueError(
+            f"the model's network has {bundle.unet.out_classes} output channels but its file "
+            f"records {learnt}, which needs {expected}; use a model file written by training"
+        )
 
 
 def segment_volume(
@@ -245,6 +290,6 @@ def segment_volume(
     config: InferConfig,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Foreground probabilities ``(S, H, W)`` float32 on ``volume``'s own grid
-    (:func:`segment_source` over a volume held in memory)."""
+    """Probabilities on ``volume``'s own grid (:func:`segment_source` over a volume held in
+    memory): ``(S, H, W)`` float32 for a binary model, ``(S, C, H, W)`` for a multi-class one."""
     return np.concatenate(list(segment_source(bundle, volume_source(volume), config, device)))

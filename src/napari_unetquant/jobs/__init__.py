@@ -8,7 +8,7 @@ generators of progress events, so the caller shows progress and may stop between
 from .exporting import Export, export_model
 from .segmenting import evaluate_files, segment_array, segment_to_file
 from .sweep import SweepJob, SweepResult, sweep, write_sweep_csv
-from .train_file import TrainJob, train_model
+from .train_file import ALL_CLASSES, TrainJob, train_model
 from .training import (
     TrainingRun,
     check_training_data,
@@ -18,6 +18,7 @@ from .training import (
 )
 
 __all__ = [
+    "ALL_CLASSES",
     "Export",
     "SweepJob",
     "SweepResult",

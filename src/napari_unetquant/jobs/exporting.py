@@ -13,7 +13,7 @@ from ..infer.export_c import export_c
 from ..infer.onnx_graph import export_onnx
 from ..infer.predict import GAUSSIAN_FLOOR
 from ..infer.qonnx_graph import export_qonnx
-from ..modelio import SegmentationModel, load_model, save_model
+from ..modelio import SegmentationModel, load_model, model_classes, save_model
 from ..packed import fp32_state_dict_bytes
 
 
@@ -127,14 +127,13 @@ def _float_layer_notes(
 
 def deployment_metadata(bundle: SegmentationModel) -> dict[str, object]:
     """What a runtime needs beside the network, the same in every export: the input's
-    preprocessing, the threshold and the tiling ``unetquant segment`` uses
+    preprocessing, the mask rule (:func:`mask_rule`) and the tiling ``unetquant segment`` uses
     (``docs/integer-format.md`` defines each rule exactly)."""
     infer = InferConfig()
     return {
         "preprocess": asdict(bundle.preprocess),
         "preprocess_text": bundle.preprocess.text,
-        "threshold": infer.threshold,
-        "threshold_text": f"foreground where sigmoid(logit), in float32, is >= {infer.threshold}",
+        **mask_rule(bundle),
         "tiling": {
             "tile": infer.tile,
             "overlap": infer.overlap,
@@ -147,6 +146,40 @@ def deployment_metadata(bundle: SegmentationModel) -> dict[str, object]:
     }
 
 
+def mask_rule(bundle: SegmentationModel) -> dict[str, object]:
+    """How the network's output becomes a mask: a binary model's ``threshold`` (and its words),
+    a multi-class model's ``classes`` (the label value of each channel after the background)
+    and the argmax rule in words; it has no threshold, so a runtime that expects one fails
+    rather than thresholding channel 0."""
+    classes = model_classes(bundle)
+    if classes is None:
+        threshold = InferConfig().threshold
+        return {
+            "threshold": threshold,
+            "threshold_text": f"foreground where sigmoid(logit), in float32, is >= {threshold}",
+        }
+    return {
+        "classes": list(classes),
+        "classes_text": f"each pixel takes the channel of the largest logit (softmax "
+        f"probabilities are blended between windows): channel 0 is the background (label 0), "
+        f"channel i the label value classes[i - 1] ({_channel_values(classes)})",
+    }
+
+
+def _channel_values(classes: tuple[int, ...]) -> str:
+    return ", ".join(f"{index}: {value}" for index, value in enumerate(classes, start=1))
+
+
+def _output_text(bundle: SegmentationModel, shape: str) -> str:
+    """The ``output`` metadata entry: logits of ``shape``, and what they mean."""
+    if model_classes(bundle) is None:
+        return f"logits {shape} float32; foreground probability = sigmoid(logits)"
+    return (
+        f"logits {shape} float32; class probabilities = softmax(logits) over the channels, "
+        f"channel 0 the background, channel i the label value classes[i - 1]"
+    )
+
+
 def onnx_file_metadata(bundle: SegmentationModel, model_path: str) -> dict[str, object]:
     """What an ONNX runtime user needs beside the network (:func:`deployment_metadata`), the
     input and output, and where the model came from."""
@@ -157,7 +190,7 @@ def onnx_file_metadata(bundle: SegmentationModel, model_path: str) -> dict[str, 
         **deployment_metadata(bundle),
         "input": "image (N, 1, H, W) float32: one slice resampled and normalised as "
         "'preprocess' says; any H and W (padded inside to a multiple of 2**depth)",
-        "output": "logits (N, out_classes, H, W) float32; foreground probability = sigmoid(logits)",
+        "output": _output_text(bundle, "(N, out_classes, H, W)"),
         "training": bundle.info,
     }
 
@@ -183,6 +216,5 @@ def qonnx_file_metadata(
         "input": f"image (1, 1, {rows}, {columns}) float32: one {rows} x {columns} window of a "
         "slice resampled and normalised as 'preprocess' says (static shape, as FINN and hls4ml "
         "need)",
-        "output": f"logits (1, out_classes, {rows}, {columns}) float32; foreground probability "
-        "= sigmoid(logits)",
+        "output": _output_text(bundle, f"(1, out_classes, {rows}, {columns})"),
     }

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import QuantConfig, UNetConfig
 from ..data.io import Volume, write_csv
 from ..events import Event
-from ..modelio import SegmentationModel
+from ..modelio import SegmentationModel, model_classes
 from ..quant import bit_report
 from ..recipes import train_config
 from .training import start_training
@@ -37,6 +37,9 @@ class SweepJob:
     seed: int = 0
     foreground_value: int | None = None
     """The label value the masks mark (``None``: non-zero), recorded in every model."""
+    classes: tuple[int, ...] | None = None
+    """Two or more label values: multi-class models (the masks hold class indices), scored by
+    the mean of the classes' validation Dice."""
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -76,8 +79,12 @@ def sweep(
     """Train or fine-tune each setting of ``job`` on ``image`` and its foreground mask
     ``labels`` ``(S, H, W)``; yields the trainer's events (for progress) and each setting's
     :class:`SweepResult` as it finishes. Each quantized model's metadata names the model it
-    was fine-tuned from (``info["init"]``)."""
+    was fine-tuned from (``info["init"]``). A given ``fp_model`` of other classes than the
+    job's is not a starting point: the sweep trains its own."""
     ordered = sorted(job.settings, key=lambda quant: not quant.is_float)  # FP first
+    wanted = job.classes if job.classes is not None and len(job.classes) > 1 else None
+    if fp_model is not None and model_classes(fp_model) != wanted:
+        fp_model = None
     for quant in ordered:
         init = None if quant.is_float else fp_model
         steps = job.fp_steps if quant.is_float else job.fine_tune_steps
@@ -86,7 +93,14 @@ def sweep(
         )
         config = replace(config, device=job.device, seed=job.seed)
         run = start_training(
-            image, labels, quant, config, job.unet, init, foreground_value=job.foreground_value
+            image,
+            labels,
+            quant,
+            config,
+            job.unet,
+            init,
+            foreground_value=job.foreground_value,
+            classes=wanted,
         )
         yield from run.events()
         bundle = run.best()

@@ -15,9 +15,10 @@ from typing import Any
 
 from ..config import PreprocessConfig, QuantConfig, TrainConfig, UNetConfig
 from ..data.io import remove_partial_writes
+from ..data.preprocess import check_classes
 from ..errors import SettingError
 from ..events import Event, ValidationEvent
-from ..modelio import SegmentationModel, load_model, save_model
+from ..modelio import SegmentationModel, load_model, model_classes, save_model
 from ..packed import has_quantized_weights
 from ..recipes import intensity_for
 from ..train import (
@@ -25,6 +26,7 @@ from ..train import (
     checkpoint_path,
     load_checkpoint,
     median_spacing,
+    present_classes,
     read_pairs,
     save_checkpoint,
     split_validation,
@@ -33,6 +35,7 @@ from ..train.distributed import first_process_file
 from .training import Start, TrainingRun, begin, check_fine_tune_source, start_network
 
 AUTO = "auto"
+ALL_CLASSES = "all"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,10 @@ class TrainJob:
     is written at least this often (between validations too), so a crash loses little.
     ``save_float``: write the float ``state_dict`` model file (larger: float weights, BatchNorm
     statistics, quantizer state) even when the weights are quantized, whose file is otherwise
-    packed (see :func:`writes_packed`).
+    packed (see :func:`writes_packed`). ``classes``: the label values to learn; two or more
+    make a multi-class model (softmax over one channel per class and the background), one is
+    ``foreground_value``, ``"all"`` every non-zero value the training labels hold, ``None``
+    the binary model of ``foreground_value`` (or the ``init`` model's classes).
     """
 
     images: tuple[str, ...]
@@ -65,12 +71,26 @@ class TrainJob:
     resume: bool = False
     checkpoint_seconds: float = 60.0
     save_float: bool = False
+    classes: tuple[int, ...] | str | None = None
 
     def __post_init__(self) -> None:
         if not self.checkpoint_seconds >= 0:
             raise ValueError(
                 f"checkpoint every {self.checkpoint_seconds} s: give 0 (every step) or more"
             )
+        if isinstance(self.classes, str) and self.classes != ALL_CLASSES:
+            raise ValueError(
+                f"classes {self.classes!r}: give label values (e.g. 1,2) or {ALL_CLASSES!r}"
+            )
+        if isinstance(self.classes, tuple):
+            check_classes(self.classes)
+            if self.foreground_value is not None and len(self.classes) > 1:
+                raise SettingError(
+                    f"a foreground value ({self.foreground_value}) and classes "
+                    f"{list(self.classes)}: give one, the classes for a multi-class model",
+                    "foreground_value",
+                    "classes",
+                )
         if len(self.val_images) != len(self.val_labels):
             raise ValueError(
                 f"{len(self.val_images)} validation image(s) but {len(self.val_labels)} "
@@ -78,23 +98,53 @@ class TrainJob:
             )
 
 
-def _start(job: TrainJob) -> Start:
-    """A fresh network, or (``init``) the weights of a trained model file re-quantized for
-    ``job``, which must not ask for another network, preprocessing or object."""
+def _classes(job: TrainJob) -> tuple[int, ...] | None:
+    """The label values of a multi-class job (two or more), else ``None``."""
+    classes = job.classes
+    if classes == ALL_CLASSES:
+        classes = present_classes(job.labels)
+    if not isinstance(classes, tuple) or len(classes) < 2:
+        return None
+    return classes
+
+
+def _start(job: TrainJob, classes: tuple[int, ...] | None) -> Start:
+    """A fresh network (one output channel per class and the background for several
+    ``classes``), or (``init``) the weights of a trained model file re-quantized for ``job``,
+    which must not ask for another network, preprocessing or object."""
+    foreground = job.foreground_value
+    if isinstance(job.classes, tuple) and len(job.classes) == 1:
+        foreground = job.classes[0]
     if job.init is None:
-        start = start_network(job.quant, job.train.seed, job.unet, None)
-        return Start(start.model, start.unet, None, job.foreground_value)
+        unet = job.unet or UNetConfig()
+        if classes is not None:
+            if job.unet is not None and job.unet.out_classes not in (1, len(classes) + 1):
+                raise SettingError(
+                    f"{len(classes)} classes need {len(classes) + 1} output channels (one per "
+                    f"class and the background), not {job.unet.out_classes}; leave the output "
+                    f"channels unset",
+                    "classes",
+                )
+            unet = replace(unet, out_classes=len(classes) + 1)
+        start = start_network(job.quant, job.train.seed, unet, None)
+        return Start(start.model, start.unet, None, foreground, classes=classes)
     source = load_model(job.init)
     check_fine_tune_source(source, job.init)
-    _check_init_conflicts(job, source)
+    _check_init_conflicts(job, source, classes)
     start = start_network(job.quant, job.train.seed, None, source)
-    foreground = source.info.get("foreground_value", job.foreground_value)
+    foreground = source.info.get("foreground_value", foreground)
     return replace(start, foreground_value=foreground)
 
 
-def _check_init_conflicts(job: TrainJob, source: SegmentationModel) -> None:
+def _check_init_conflicts(
+    job: TrainJob, source: SegmentationModel, classes: tuple[int, ...] | None
+) -> None:
     """Fine-tuning keeps the network, preprocessing and object of the ``init`` model."""
     conflicts: list[tuple[str, str]] = []
+    trained_classes = model_classes(source)
+    if job.classes is not None and classes != trained_classes:
+        text = "binary" if trained_classes is None else f"classes {list(trained_classes)}"
+        conflicts.append((text, "classes"))
     if job.unet is not None and job.unet != source.unet:
         conflicts.append((f"network {source.unet}", "network"))
     if job.spacing != AUTO and job.spacing != source.preprocess.spacing:
@@ -135,11 +185,14 @@ def _preprocess(
 
 
 def _run(job: TrainJob) -> TrainingRun:
-    start = _start(job)
-    foreground = start.foreground_value
-    pairs = read_pairs(list(job.images), list(job.labels), foreground)
+    start = _start(job, _classes(job))
+    foreground, classes = start.foreground_value, start.classes
+    pairs = read_pairs(list(job.images), list(job.labels), foreground, classes=classes)
     if job.val_images:
-        split = (pairs, read_pairs(list(job.val_images), list(job.val_labels), foreground))
+        validation = read_pairs(
+            list(job.val_images), list(job.val_labels), foreground, classes=classes
+        )
+        split = (pairs, validation)
     else:
         split = split_validation(pairs)
     run = begin(start, job.quant, job.train, split, _preprocess(job, pairs, start.preprocess))
@@ -235,5 +288,6 @@ def _identity(job: TrainJob, run: TrainingRun) -> dict[str, Any]:
         "preprocess": asdict(run.preprocess),
         "data": [list(job.images), list(job.labels), list(job.val_images), list(job.val_labels)],
         "foreground_value": run.info["foreground_value"],
+        "classes": run.info.get("classes"),
         "init": job.init,
     }

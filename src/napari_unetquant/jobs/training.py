@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from ..data.io import Volume
 from ..errors import SettingError
 from ..events import Event
 from ..model import build_unet
-from ..modelio import SegmentationModel, check_grey_input, unpacked
+from ..modelio import SegmentationModel, check_grey_input, model_classes, unpacked
 from ..packed import LAYOUT_PACKED, calibrate_batch_norm
 from ..recipes import intensity_for
 from ..train import (
@@ -50,6 +50,7 @@ class Start:
     preprocess: PreprocessConfig | None
     foreground_value: int | None
     unfolded: bool = False
+    classes: tuple[int, ...] | None = None
 
 
 def start_network(
@@ -63,7 +64,9 @@ def start_network(
         return Start(build_unet(unet, quant), unet, None, None)
     foreground = init.info.get("foreground_value")
     unfolded = init.layout == LAYOUT_PACKED
-    return Start(requantized(init, quant), init.unet, init.preprocess, foreground, unfolded)
+    model = requantized(init, quant)
+    classes = model_classes(init)
+    return Start(model, init.unet, init.preprocess, foreground, unfolded, classes)
 
 
 def check_fine_tune_source(source: SegmentationModel, name: str) -> None:
@@ -157,6 +160,7 @@ def begin(
     info = {
         "label": quant.label,
         "foreground_value": start.foreground_value,
+        **({"classes": list(start.classes)} if start.classes else {}),
         "train_volumes": len(train_pairs),
         "validation_volumes": len(val_pairs),
         "napari_unetquant": __version__,
@@ -217,6 +221,24 @@ def check_fine_tune_foreground(init: SegmentationModel | None, value: int | None
         )
 
 
+def check_fine_tune_classes(
+    init: SegmentationModel | None, classes: tuple[int, ...] | None
+) -> None:
+    """Refuse to fine-tune ``init`` on other classes than it learnt (``None``: binary)."""
+    if init is None or model_classes(init) == classes:
+        return
+
+    def text(value: tuple[int, ...] | None) -> str:
+        return "one object" if value is None else f"classes {', '.join(map(str, value))}"
+
+    raise SettingError(
+        f"{model_name(init)} learnt {text(model_classes(init))}, not {text(classes)}; give the "
+        f"same label values to fine-tune it, or train from scratch",
+        "classes",
+        "init",
+    )
+
+
 def check_training_data(
     image: Volume, labels: np.ndarray, init: SegmentationModel | None = None
 ) -> None:
@@ -248,6 +270,7 @@ def start_training(
     ct_window: tuple[float, float] | None = None,
     *,
     foreground_value: int | None = None,
+    classes: tuple[int, ...] | None = None,
 ) -> TrainingRun:
     """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
@@ -259,13 +282,21 @@ def start_training(
 
     ``foreground_value``: the label value ``labels`` marks (``None``: every non-zero label),
     recorded in the model so that Segment and the Dice readout score the same object; a
-    fine-tune must use its model's (:func:`check_fine_tune_foreground`)."""
+    fine-tune must use its model's (:func:`check_fine_tune_foreground`). ``classes``: two or
+    more label values make a multi-class model, ``labels`` then holding class indices
+    (:func:`~napari_unetquant.data.preprocess.class_indices`); a fine-tune keeps its model's."""
     check_training_data(image, labels, init)
     check_fine_tune_foreground(init, foreground_value)
+    classes = classes if classes is not None and len(classes) > 1 else None
+    check_fine_tune_classes(init, classes)
     if ct_window is not None:
         check_fine_tune_window(init, ct_window)
     mask = labels.astype(np.uint8)
+    if classes is not None and init is None:
+        unet = replace(unet or UNetConfig(), out_classes=len(classes) + 1)
     start = start_network(quant, train.seed, unet, init)
+    if classes is not None:
+        start = replace(start, classes=classes)
     pairs = split_validation([LabelledVolume(image, mask)])
     spacing = median_spacing(pairs[0])
     preprocess = start.preprocess or PreprocessConfig(

@@ -5,6 +5,7 @@ from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .dataset import (
     LabelledVolume,
     median_spacing,
+    present_classes,
     read_pairs,
     slice_set,
     split_validation,
@@ -28,6 +29,7 @@ __all__ = [
     "checkpoint_path",
     "load_checkpoint",
     "median_spacing",
+    "present_classes",
     "read_pairs",
     "save_checkpoint",
     "slice_set",

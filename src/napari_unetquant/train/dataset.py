@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PreprocessConfig
-from ..data.io import Volume, labels_on_image_grid, read_volume
-from ..data.preprocess import foreground_mask, label_values, network_input, network_mask
+from ..data.io import Volume, labels_on_image_grid, read_labels, read_volume
+from ..data.preprocess import (
+    check_classes,
+    class_indices,
+    label_values,
+    network_input,
+    network_mask,
+)
 from ..errors import SettingError
 from .sets import SliceSet, VolumeSet
 
@@ -19,7 +25,8 @@ VALIDATION_FRACTION = 0.15
 
 @dataclass(frozen=True)
 class LabelledVolume:
-    """An image volume and its foreground mask (uint8, same shape)."""
+    """An image volume and its training target (uint8, same shape): a foreground mask
+    ``{0, 1}``, or class indices for several classes (:func:`~..data.preprocess.class_indices`)."""
 
     image: Volume
     mask: np.ndarray
@@ -30,11 +37,24 @@ def read_pairs(
     labels: Sequence[str | Path],
     foreground_value: int | None = None,
     require_foreground: bool = True,
+    classes: tuple[int, ...] | None = None,
 ) -> list[LabelledVolume]:
     """Read image/label files pairwise (in order) and check that they fit together.
 
-    Training needs some foreground (``require_foreground``); evaluation does not.
+    A label path may join several files with ``+`` (:func:`~..data.io.read_labels`). The
+    target is the mask of ``foreground_value`` (``None``: every non-zero value) or, with two or
+    more ``classes``, the class indices of those label values. Training needs some foreground
+    (``require_foreground``); evaluation does not.
     """
+    if classes is not None and len(classes) < 2:
+        foreground_value, classes = classes[0], None
+    wanted = (
+        classes
+        if classes is not None
+        else None
+        if foreground_value is None
+        else (foreground_value,)
+    )
     if len(images) != len(labels):
         raise ValueError(
             f"{len(images)} image path(s) but {len(labels)} label path(s); give one label file "
@@ -42,25 +62,44 @@ def read_pairs(
         )
     pairs = []
     for image_path, label_path in zip(images, labels, strict=True):
-        image, label = read_volume(image_path), read_volume(label_path)
+        image, label = read_volume(image_path), read_labels(label_path)
         label_array = labels_on_image_grid(label, image)
         if image.array.shape != label_array.shape:
             raise ValueError(
                 f"{image_path} has shape {image.array.shape} but {label_path} has "
                 f"{label_array.shape}; labels must be on the image's grid"
             )
-        mask = foreground_mask(label_array, foreground_value, str(label_path))
+        mask = class_indices(label_array, wanted, str(label_path))
         pairs.append(LabelledVolume(image, mask))
     if require_foreground and not any(pair.mask.any() for pair in pairs):
-        hint = "" if foreground_value is None else f" (value {foreground_value})"
+        hint = "" if wanted is None else f" (value{'s' if len(wanted) > 1 else ''} "
+        hint += "" if wanted is None else f"{', '.join(map(str, wanted))})"
         files = ", ".join(str(path) for path in labels)
-        held = label_values(read_volume(labels[0]).array)
+        held = label_values(read_labels(labels[0]).array)
         raise SettingError(
             f"{files}: the labels contain no foreground{hint}; they hold {held}; check the "
             f"foreground value and the files",
             "foreground_value",
         )
     return pairs
+
+
+def present_classes(labels: Sequence[str | Path]) -> tuple[int, ...]:
+    """Every non-zero value the label files hold, in increasing order (``--classes all``)."""
+    values: set[int] = set()
+    for path in labels:
+        array = read_labels(path).array
+        class_indices(array, None, str(path))  # the checks of an integer label image
+        values.update(int(v) for v in np.unique(array) if v != 0)
+    if not values:
+        files = ", ".join(str(path) for path in labels)
+        raise SettingError(
+            f"{files}: the labels hold no non-zero value; paint the classes, or check the files",
+            "classes",
+        )
+    found = tuple(sorted(values))
+    check_classes(found)
+    return found
 
 
 def median_spacing(pairs: list[LabelledVolume]) -> tuple[float, float] | None:

@@ -182,10 +182,15 @@ class Trainer:
         return float(np.mean(scores))
 
     def _dice(self, image: np.ndarray, mask: np.ndarray) -> float:
-        """Dice of the prediction of one slice ``(H, W)`` or, 3D, one volume ``(S, H, W)``."""
+        """Dice of the prediction of one slice ``(H, W)`` or, 3D, one volume ``(S, H, W)``;
+        with several classes (``mask`` holds class indices), the mean of the classes' Dice."""
         stack = image if self.volumetric else image[None]
         probability = predict_probabilities(self.model, stack, self.infer, self.device)
-        return dice_score(probability.reshape(mask.shape) >= self.infer.threshold, mask)
+        if probability.ndim == stack.ndim:  # binary: (S, H, W) foreground probabilities
+            return dice_score(probability.reshape(mask.shape) >= self.infer.threshold, mask)
+        predicted = probability.argmax(axis=1).reshape(mask.shape)  # (S, C, H, W): classes
+        classes = range(1, probability.shape[1])
+        return float(np.mean([dice_score(predicted == c, mask == c) for c in classes]))
 
     def best_model(self) -> nn.Module:
         """A copy of the model with the best validation weights, on the CPU, in eval mode, the
