@@ -22,7 +22,7 @@ from ..data.augment import AugmentConfig, sample_crop
 from ..devices import resolve_device
 from ..events import Event, StepEvent, ValidationEvent
 from ..infer.accumulator_grid import snap_biases
-from ..infer.predict import predict_probabilities, spatial_dims
+from ..infer.predict import predict_probabilities, predicted_classes, spatial_dims
 from ..metrics import dice_score
 from ..quant.global_batch import sharded_batch
 from .distributed import DataParallel, check_batch_size
@@ -186,10 +186,10 @@ class Trainer:
         with several classes (``mask`` holds class indices), the mean of the classes' Dice."""
         stack = image if self.volumetric else image[None]
         probability = predict_probabilities(self.model, stack, self.infer, self.device)
+        predicted = predicted_classes(probability, self.infer.threshold).reshape(mask.shape)
         if probability.ndim == stack.ndim:  # binary: (S, H, W) foreground probabilities
-            return dice_score(probability.reshape(mask.shape) >= self.infer.threshold, mask)
-        predicted = probability.argmax(axis=1).reshape(mask.shape)  # (S, C, H, W): classes
-        classes = range(1, probability.shape[1])
+            return dice_score(predicted, mask)
+        classes = range(1, probability.shape[1])  # (S, C, H, W): channel 0 the background
         return float(np.mean([dice_score(predicted == c, mask == c) for c in classes]))
 
     def best_model(self) -> nn.Module:
