@@ -23,7 +23,6 @@ import torch
 
 from .config import MASK_FORMATS, InferConfig
 from .data.io import (
-    LAYER_JOIN,
     MASK_SUFFIXES,
     PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -31,6 +30,7 @@ from .data.io import (
     InputError,
     SliceSource,
     check_readable,
+    label_files,
     labels_on_image_grid,
     open_volume,
     read_labels,
@@ -240,8 +240,8 @@ def plan_batch(
             f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
             f"image, in the same order (or a labels folder)"
         )
-    label_files = [part for given in labels or [] for part in _label_files(given)]
-    for given in [*images, *label_files]:  # a typo fails now, not after the other volumes
+    joined = [part for given in labels or [] for part in label_files(given)]
+    for given in [*images, *joined]:  # a typo fails now, not after the other volumes
         check_readable(Path(given))
     outs = [str(Path(out_dir) / (_stem(i) + _mask_suffix(i, out_format))) for i in images]
     seen: set[str] = set()
@@ -268,14 +268,6 @@ def plan_batch(
             _only_labels(image, by_stem.get(_stem(image), []), labels_dir) for image in images
         ]
     return [BatchItem(i, o, lab) for i, o, lab in zip(images, outs, matched, strict=True)]
-
-
-def _label_files(path: str) -> list[str]:
-    """The files of a path: itself, or those it joins with ``+`` when it is no file itself
-    (label files painted into one, :func:`~napari_unetquant.data.io.read_labels`)."""
-    if Path(path).exists() or LAYER_JOIN not in path:
-        return [path]
-    return path.split(LAYER_JOIN)
 
 
 def _only_labels(image: str, found: list[Path], folder: str | Path) -> str:

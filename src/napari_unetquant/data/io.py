@@ -65,6 +65,7 @@ __all__ = [
     "array_source",
     "atomic_path",
     "check_readable",
+    "label_files",
     "labels_on_image_grid",
     "nifti_affine",
     "one_line",
@@ -129,25 +130,33 @@ LAYER_JOIN = "+"
 """Joins label files painted into one label image: ``cord.nii.gz+gm.nii.gz``."""
 
 
+def label_files(path: str | Path) -> list[str]:
+    """The files a label path names: itself, or the files it joins with ``+`` when it is no
+    file itself (``cord.nii.gz+gm.nii.gz``, see :func:`read_labels`)."""
+    text = str(path)
+    if Path(text).exists() or LAYER_JOIN not in text:
+        return [text]
+    return text.split(LAYER_JOIN)
+
+
 def read_labels(path: str | Path) -> Volume:
     """A label file, or several joined by ``+`` (``cord.nii.gz+gm.nii.gz``, each an existing
     file) painted into one in order: file ``k``'s non-zero voxels take the value ``k``, later
     files over earlier ones (:func:`~.preprocess.paint_label_layers`), on the first file's
     grid. A path that exists as written is always one file."""
-    text = str(path)
-    if Path(text).exists() or LAYER_JOIN not in text:
-        return read_volume(text)
-    parts = text.split(LAYER_JOIN)
+    parts = label_files(path)
+    if len(parts) == 1:
+        return read_volume(parts[0])
     missing = [part for part in parts if not Path(part).exists()]
     if missing:
         raise InputError(
-            f"{text}: no such file, and read as label files joined by '{LAYER_JOIN}' "
+            f"{path}: no such file, and read as label files joined by '{LAYER_JOIN}' "
             f"{', '.join(missing)} do not exist; give existing label files"
         )
     layers = [read_volume(part) for part in parts]
     painted = paint_label_layers([layer.array for layer in layers], parts)
     first = layers[0]
-    return Volume(painted, first.spacing, first.affine, text)
+    return Volume(painted, first.spacing, first.affine, str(path))
 
 
 def _reader_for(path: Path) -> Callable[[Path], SliceSource]:
