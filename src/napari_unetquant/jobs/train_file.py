@@ -143,7 +143,7 @@ def _check_init_conflicts(
     conflicts: list[tuple[str, str]] = []
     trained_classes = model_classes(source)
     if job.classes is not None and classes != trained_classes:
-        text = "binary" if trained_classes is None else f"classes {list(trained_classes)}"
+        text = "one object" if trained_classes is None else f"classes {list(trained_classes)}"
         conflicts.append((text, "classes"))
     if job.unet is not None and job.unet != source.unet:
         conflicts.append((f"network {source.unet}", "network"))
