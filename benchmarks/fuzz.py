@@ -159,8 +159,11 @@ def main() -> None:
         for name in args.targets:
             results[name] = run_target(name, args, Path(workdir))
             r = results[name]
-            print(f"{name:<26} {r['cases']:>6} cases: {r['success']:>6} success, "
-                  f"{r['clean error']:>6} clean error, {r['other']:>3} other", flush=True)
+            print(
+                f"{name:<26} {r['cases']:>6} cases: {r['success']:>6} success, "
+                f"{r['clean error']:>6} clean error, {r['other']:>3} other",
+                flush=True,
+            )
             for example in r["other_examples"] if args.verbose or r["other"] else []:
                 print(f"    {example}")
     command = "python benchmarks/fuzz.py " + " ".join(sys.argv[1:])

@@ -144,8 +144,6 @@ def reference_logits(network: dict[str, Any], t: dict[str, np.ndarray], image: n
 # --- the tests -------------------------------------------------------------------------------
 
 
-
-
 def tiny_trained_unet(quant: QuantConfig, upsample: str = "bilinear") -> torch.nn.Module:
     """A tiny U-Net given a few optimisation steps: formats chosen, BatchNorm not initial."""
     torch.manual_seed(0)

@@ -53,14 +53,22 @@ CONFIGS = {  # name: (quantization, every layer integer); ``nearest`` names upsa
         dataclasses.replace(_W4A6, overrides=(LayerOverride("*.conv2", weight=QuantizerConfig()),)),
         False,
     ),
+    # multi-class: three output channels, the label map in the values of ``CLASSES``
+    "W4A6-int-classes": (dataclasses.replace(_W4A6, edge_layers=()), True),
+    "W4A6-float-edges-classes": (_W4A6, False),
 }
+CLASSES = (2, 7)
+"""The label values of the multi-class models' channels 1 and 2 (what ``info["classes"]``
+names)."""
 
 
 @functools.cache
-def _float_weights() -> dict[str, torch.Tensor]:
-    """A small float U-Net trained to segment bright pixels (masks with both classes)."""
+def _float_weights(out_classes: int = 1) -> dict[str, torch.Tensor]:
+    """A small float U-Net trained to segment bright pixels (masks with both classes), or
+    bright and dark pixels (three channels)."""
     torch.manual_seed(0)
-    model = build_unet(UNetConfig(base_width=4, depth=2), QuantConfig.from_label("FP"))
+    config = UNetConfig(base_width=4, depth=2, out_classes=out_classes)
+    model = build_unet(config, QuantConfig.from_label("FP"))
     _train(model.train(), steps=25, lr=2e-2)
     return model.state_dict()
 
@@ -72,7 +80,12 @@ def _train(model: torch.nn.Module, steps: int, lr: float) -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         for _ in range(steps):
             image = torch.randn(4, 1, 32, 32)
-            loss = F.binary_cross_entropy_with_logits(model(image), (image > 0.3).float())
+            logits = model(image)
+            if logits.shape[1] == 1:
+                loss = F.binary_cross_entropy_with_logits(logits, (image > 0.3).float())
+            else:
+                classes = (image > 0.3).long() + 2 * (image < -0.3).long()  # bright, dark
+                loss = F.cross_entropy(logits, classes[:, 0])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -80,12 +93,14 @@ def _train(model: torch.nn.Module, steps: int, lr: float) -> None:
         torch.set_num_threads(threads)
 
 
-def _model(quant: QuantConfig, upsample: str = "bilinear") -> torch.nn.Module:
+def _model(quant: QuantConfig, upsample: str = "bilinear", out_classes: int = 1) -> torch.nn.Module:
     """The float U-Net's weights, quantized by ``quant`` and fine-tuned for two steps (which
     also chooses the activation formats and learned steps)."""
     torch.manual_seed(1)
-    model = build_unet(UNetConfig(base_width=4, depth=2, upsample=upsample), quant)
-    model.load_state_dict(_float_weights(), strict=False)  # the quantizers' state is new
+    config = UNetConfig(base_width=4, depth=2, upsample=upsample, out_classes=out_classes)
+    model = build_unet(config, quant)
+    # the quantizers' state is new
+    model.load_state_dict(_float_weights(out_classes), strict=False)
     _train(model.train(), steps=2, lr=1e-3)
     return model.eval()
 
@@ -102,6 +117,7 @@ class Program:
     model: torch.nn.Module
     export: CExport
     all_integer: bool
+    classes: tuple[int, ...] | None  # a multi-class model's label values
 
     @property
     def directory(self) -> Path:
@@ -119,50 +135,62 @@ class Program:
         )
 
     def outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The program's mask and logits for ``image``."""
+        """The program's mask (or label map) and logits ``(C, H, W)`` for ``image``."""
         result = self.run(image)
         assert result.returncode == 0, result.stderr
         shape = image.shape
         mask = np.fromfile(self.directory / "out.u8", np.uint8).reshape(shape)
-        logits = np.fromfile(self.directory / "logits.f32", np.float32).reshape(shape)
-        return mask, logits
+        logits = np.fromfile(self.directory / "logits.f32", np.float32).reshape((*shape, -1))
+        return mask, logits.transpose(2, 0, 1)  # written channels last
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def program(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Program:
     quant, all_integer = CONFIGS[request.param]
     upsample = "nearest" if "nearest" in request.param else "bilinear"
-    model = _model(quant, upsample)
+    classes = CLASSES if request.param.endswith("-classes") else None
+    model = _model(quant, upsample, 1 if classes is None else len(classes) + 1)
     directory = tmp_path_factory.mktemp("c") / "unet"
-    export = export_c(model, directory, {"label": quant.label, "source": "model.pt"})
+    info: dict[str, object] = {"label": quant.label, "source": "model.pt"}
+    if classes is not None:
+        info["classes"] = list(classes)
+    export = export_c(model, directory, info)
     command = [_compiler(), "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", *export.files]
     build = subprocess.run(
         [*command, "-lm", "-o", "unet"], cwd=directory, capture_output=True, text=True
     )
     assert build.returncode == 0, build.stderr  # no warnings either (-Werror)
-    return Program(model, export, all_integer)
+    return Program(model, export, all_integer, classes)
 
 
-def _cli_mask(model: torch.nn.Module, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``unetquant segment --integer``'s decision on one window: sigmoid of the integer
-    network's logits (float32) at the threshold; and the logits."""
-    logits = IntegerUNet(model)(torch.from_numpy(image)[None, None])[0, 0]
-    probability = torch.sigmoid(logits).numpy()
-    return (probability >= InferConfig().threshold).astype(np.uint8), logits.numpy()
+def _cli_mask(program: Program, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``unetquant segment --integer``'s decision on one window, and the integer network's
+    logits ``(C, H, W)``: the sigmoid (float32) at the threshold, or the label value of the
+    channel with the largest logit."""
+    logits = IntegerUNet(program.model)(torch.from_numpy(image)[None, None])[0]
+    if program.classes is None:
+        probability = torch.sigmoid(logits[0]).numpy()
+        return (probability >= InferConfig().threshold).astype(np.uint8), logits.numpy()
+    values = np.array([0, *program.classes], np.uint8)
+    return values[logits.argmax(dim=0).numpy()], logits.numpy()
 
 
 @pytest.mark.parametrize("shape", [(37, 50), (1, 1), (6, 67)])
 def test_masks_equal_the_integer_network(program: Program, shape: tuple[int, int]) -> None:
     image = np.random.default_rng(shape[1]).normal(size=shape).astype(np.float32)
-    expected_mask, expected_logits = _cli_mask(program.model, image)
+    expected_mask, expected_logits = _cli_mask(program, image)
     mask, logits = program.outputs(image)
+    assert logits.shape == (1 if program.classes is None else 3, *shape)
     assert np.array_equal(mask, expected_mask)
     if program.all_integer:  # integer arithmetic throughout: the same float32 logits
         assert np.array_equal(logits, expected_logits)
     else:  # float32 layers: PyTorch's summation order differs
         np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
     if shape == (37, 50):
-        assert 0.02 < mask.mean() < 0.98, "a test image should have both classes"
+        present = np.unique(mask).tolist()
+        assert present == ([0, 1] if program.classes is None else [0, *program.classes])
+        for value in present:  # every class covers part of the image
+            assert 0.02 < (mask == value).mean() < 0.98
 
 
 DRIVER = r"""
@@ -217,7 +245,7 @@ def test_the_library_entry_computes_the_programs_mask(program: Program) -> None:
 
     status, mask = library(image)
     assert status == "0" and np.array_equal(mask, expected)
-    assert 0 < expected.mean() < 1
+    assert len(np.unique(expected)) == (2 if program.classes is None else 3)
     image[5, 7] = np.nan
     status, mask = library(image)
     assert status == "-2" and not mask.any()
@@ -279,8 +307,16 @@ def test_header_documents_the_model(program: Program) -> None:
     text = (program.directory / "unet.c").read_text()
     header = text[: text.index("*/")]
     assert "U-Net from model.pt" in header and "./unet IN.f32 OUT.u8 HEIGHT WIDTH" in header
-    assert "sigmoid(logit) >= 0.5" in header and "low nibble" in header
+    assert "low nibble" in header
     assert "--memory" in header and "enc2.conv1" in header
+    unet_h = (program.directory / "unet.h").read_text()
+    if program.classes is None:
+        assert "sigmoid(logit) >= 0.5" in header and "UNET_THRESHOLD 0.5" in unet_h
+        assert "unet_label_values" not in unet_h
+    else:
+        assert "channel 1: 2, channel 2: 7" in " ".join(header.split())
+        assert "UNET_OUT_CHANNELS 3" in unet_h and "UNET_THRESHOLD" not in unet_h
+        assert "unet_label_values[UNET_OUT_CHANNELS] = {0, 2, 7}" in text
 
 
 # --- packing and refusals --------------------------------------------------------------------
@@ -323,9 +359,11 @@ def test_export_refuses_what_c_cannot_run(tmp_path: Path) -> None:
     with pytest.raises(SettingError, match="2D U-Nets only; this model is 3D") as error:
         export_c(volume, tmp_path / "a")
     assert error.value.settings == () and "--" not in str(error.value)
-    classes = build_unet(UNetConfig(base_width=4, depth=2, out_classes=2), quant)
-    with pytest.raises(SettingError, match="2 output classes"):
-        export_c(classes, tmp_path / "b")
+    classes = build_unet(UNetConfig(base_width=4, depth=2, out_classes=3), quant)
+    with pytest.raises(SettingError, match=r"label values \[2, 300\] do not all fit 1 to 255"):
+        export_c(classes, tmp_path / "b", {"classes": [2, 300]})
+    with pytest.raises(SettingError, match=r"names 1 classes .* 3 output channels"):
+        export_c(classes, tmp_path / "b1", {"classes": [2]})
     channels = build_unet(UNetConfig(base_width=4, depth=2, in_channels=2), quant)
     with pytest.raises(SettingError, match="2 input channel"):
         export_c(channels, tmp_path / "b2")

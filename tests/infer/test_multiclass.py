@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,6 @@ from torch import nn
 from napari_unetquant.cli import main
 from napari_unetquant.config import InferConfig, PreprocessConfig, QuantConfig, UNetConfig
 from napari_unetquant.data import Volume
-from napari_unetquant.errors import SettingError
 from napari_unetquant.infer import engine, predict_probabilities, segment_volume
 from napari_unetquant.infer.integer import IntegerUNet
 from napari_unetquant.infer.onnx_graph import onnx_metadata
@@ -293,8 +294,31 @@ def test_exports_carry_the_classes_or_refuse(model_file: Path, tmp_path: Path) -
     packed_path = tmp_path / "packed.safetensors"
     export_model(str(model_file), str(packed_path))
     assert model_classes(load_model(packed_path)) == CLASSES
-    with pytest.raises(SettingError, match=r"3 output classes.*ONNX file or as the integer"):
-        export_model(str(model_file), str(tmp_path / "c"), format="c")
+
+
+def test_the_c_program_writes_the_label_values(model_file: Path, tmp_path: Path) -> None:
+    """The C export of a multi-class model file, compiled and run, writes the label value of
+    the integer network's most probable class at every pixel."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.fail("no C compiler: the C export's tests need `cc` on PATH (install gcc)")
+    directory = tmp_path / "c"
+    export_model(str(model_file), str(directory), format="c")
+    assert "unet_label_values[UNET_OUT_CHANNELS] = {0, 3, 7}" in (directory / "unet.c").read_text()
+    build = [compiler, "-O2", "-std=c99", "-Werror", "-Wall", "unet.c", "weights.c", "-lm"]
+    result = subprocess.run([*build, "-o", "unet"], cwd=directory, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    image = np.random.default_rng(5).normal(size=(40, 36)).astype("<f4")
+    image.tofile(directory / "in.f32")
+    run = ["./unet", "in.f32", "out.u8", "40", "36"]
+    result = subprocess.run(run, cwd=directory, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    labels = np.fromfile(directory / "out.u8", np.uint8).reshape(40, 36)
+    with torch.no_grad():
+        logits = IntegerUNet(load_model(model_file).model)(torch.from_numpy(image)[None, None])
+    expected = np.array([0, *CLASSES], np.uint8)[logits[0].argmax(dim=0).numpy()]
+    assert np.array_equal(labels, expected)
+    assert set(np.unique(labels).tolist()) == {0, *CLASSES}
 
 
 def test_volumes_blend_class_probabilities_along_every_axis() -> None:

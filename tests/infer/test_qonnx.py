@@ -61,8 +61,6 @@ def _trained(label: str) -> torch.nn.Module:
     return tiny_trained_unet(SETTINGS[label])
 
 
-
-
 def tiny_trained_unet(quant: QuantConfig, upsample: str = "bilinear") -> torch.nn.Module:
     """A tiny U-Net given a few optimisation steps: formats chosen, BatchNorm not initial."""
     torch.manual_seed(0)

@@ -62,14 +62,15 @@ typedef struct {
 #define UNET_DEPTH %(depth)d
 #define UNET_IN_CHANNELS %(in_channels)d
 #define UNET_UPSAMPLE_EXTRA_BITS %(extra_bits)d
-#define UNET_THRESHOLD %(threshold)s /* foreground: sigmoid(logit) >= UNET_THRESHOLD */
-
+#define UNET_OUT_CHANNELS %(out_channels)d
+%(output_macros)s
 extern const size_t unet_weight_bytes; /* bytes of every constant array in weights.c */
 
 /* The library entry (build without the command line: cc -DUNET_NO_MAIN ...): the mask of one
    preprocessed slice, height x width float32 values row-major (channels last), into mask,
-   height x width bytes of 0 or 1. Returns 0; -1 when memory runs out, -2 for a size below 1
-   or a value that is not a finite number (mask is then untouched). */
+   height x width bytes: %(mask_values)s.
+   Returns 0; -1 when memory runs out, -2 for a size below 1 or a value that is not a finite
+   number (mask is then untouched). */
 int unet_segment(const float *slice, int height, int width, unsigned char *mask);
 %(externs)s
 
@@ -517,18 +518,42 @@ static void dequantize(const tensor *in, const unet_format *format, tensor *out)
 }
 """The conversions of whole tensors, emitted when the dataflow uses them."""
 
-MAIN = r"""
-/* ---- the library entry and the program ---- */
-
-/* Foreground where sigmoid(logit) >= UNET_THRESHOLD, the probability in float32 as
-   unetquant computes it. */
-static unsigned char foreground(float logit)
+PIXEL_LABELS = {
+    "sigmoid": r"""
+/* The mask value of one pixel's logit: 1 where sigmoid(logit) >= UNET_THRESHOLD, the
+   probability in float32 as unetquant computes it, else 0. */
+static unsigned char pixel_label(const float *logits)
 {
-    const float probability = 1.0f / (1.0f + expf(-logit));
+    const float probability = 1.0f / (1.0f + expf(-logits[0]));
     return probability >= (float)UNET_THRESHOLD;
 }
 
-int unet_segment(const float *slice, int height, int width, unsigned char *mask)
+""",
+    "argmax": r"""
+/* The label value of each output channel: channel 0 the background, channel i the label
+   value of class i. */
+const unsigned char unet_label_values[UNET_OUT_CHANNELS] = {%(label_values)s};
+
+/* The label value of one pixel's UNET_OUT_CHANNELS logits: the channel with the largest
+   logit (softmax keeps their order, so the most probable class; the first on a tie). */
+static unsigned char pixel_label(const float *logits)
+{
+    int best = 0;
+    for (int c = 1; c < UNET_OUT_CHANNELS; c++)
+        if (logits[c] > logits[best])
+            best = c;
+    return unet_label_values[best];
+}
+
+""",
+}
+"""How the program turns one pixel's logits into its output byte: ``sigmoid`` for a binary
+model (one channel), ``argmax`` for a multi-class one (``%(label_values)s`` filled in)."""
+
+MAIN = r"""
+/* ---- the library entry and the program ---- */
+
+%(pixel_label)sint unet_segment(const float *slice, int height, int width, unsigned char *mask)
 {
     if (height < 1 || width < 1)
         return -2;
@@ -554,7 +579,8 @@ int unet_segment(const float *slice, int height, int width, unsigned char *mask)
     for (int y = 0; y < height; y++)
         for (int x = 0; x < width; x++)
             mask[(size_t)y * width + x] =
-                foreground(((const float *)logits.data)[(size_t)y * logits.width + x]);
+                pixel_label((const float *)logits.data +
+                            ((size_t)y * logits.width + x) * logits.channels);
     tensor_free(&logits);
     return 0;
 }
@@ -621,7 +647,8 @@ static int write_outputs(const tensor *logits, int height, int width, const char
     for (int y = 0; y < height; y++)
         for (int x = 0; x < width; x++)
             mask[(size_t)y * width + x] =
-                foreground(((const float *)logits->data)[(size_t)y * logits->width + x]);
+                pixel_label((const float *)logits->data +
+                            ((size_t)y * logits->width + x) * logits->channels);
     FILE *file = fopen(out_tmp, "wb");
     int written = file != NULL && fwrite(mask, 1, (size_t)height * width, file) ==
                                       (size_t)height * width;
@@ -633,9 +660,10 @@ static int write_outputs(const tensor *logits, int height, int width, const char
     if (dump != NULL) { /* debugging: the cropped logits, float32 in this machine's order */
         FILE *logits_file = fopen(dump, "wb");
         int ok = logits_file != NULL;
+        const size_t row = (size_t)width * logits->channels; /* channels last */
         for (int y = 0; ok && y < height; y++)
-            ok = fwrite((const float *)logits->data + (size_t)y * logits->width, sizeof(float),
-                        (size_t)width, logits_file) == (size_t)width;
+            ok = fwrite((const float *)logits->data + (size_t)y * logits->width * logits->channels,
+                        sizeof(float), row, logits_file) == row;
         if (logits_file == NULL || fclose(logits_file) != 0 || !ok)
             return fail(out_tmp, "cannot write the logits to ", dump);
     }

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import InferConfig
 from ..errors import SettingError
 from ..quant.layers import QuantConv2d
-from .c_program import CONVERSIONS, HEADER_H, KERNELS, MAIN, UPSAMPLING
+from .c_program import CONVERSIONS, HEADER_H, KERNELS, MAIN, PIXEL_LABELS, UPSAMPLING
 from .export import integer_file_contents
 
 C_FILES = ("unet.h", "weights.c", "unet.c")
@@ -577,7 +577,9 @@ def _upsampling_text(description: dict[str, Any]) -> str:
     )
 
 
-def _header_comment(description: dict[str, Any], info: dict[str, Any]) -> str:
+def _header_comment(
+    description: dict[str, Any], info: dict[str, Any], values: tuple[int, ...] | None
+) -> str:
     from .. import __version__
 
     unet, threshold = description["unet"], InferConfig().threshold
@@ -597,8 +599,7 @@ def _header_comment(description: dict[str, Any], info: dict[str, Any]) -> str:
         "Run: ./unet IN.f32 OUT.u8 HEIGHT WIDTH [--memory]",
         "IN.f32: one slice, HEIGHT x WIDTH float32 little endian, row-major (one row after "
         f"another), preprocessed: {preprocess}.",
-        f"OUT.u8: the mask, HEIGHT x WIDTH bytes, 1 where sigmoid(logit) >= {threshold} "
-        "(probability in float32, as unetquant segment computes it), else 0.",
+        _output_text(threshold, values),
         f"Any HEIGHT and WIDTH from 1: the slice is padded at the bottom and right by edge "
         f"replication to a multiple of 2**{depth} = {2**depth}, the result cropped. The whole "
         "slice is one window: unetquant segment cuts larger slices into windows and blends "
@@ -613,7 +614,8 @@ def _header_comment(description: dict[str, Any], info: dict[str, Any]) -> str:
         "unet_segment(slice, height, width, mask) from unet.h, the same computation on a slice "
         "in memory.",
         "Environment UNET_LOGITS=PATH also writes the cropped logits (float32, this machine's "
-        "byte order) to PATH, for debugging.",
+        "byte order, HEIGHT x WIDTH x UNET_OUT_CHANNELS row-major, channels last) to PATH, for "
+        "debugging.",
         "",
         "Weights: integer layers store their codes packed at their bit width, two's complement, "
         "order (out, ky, kx, in); code k occupies bits k*b .. k*b+b-1 of the byte stream, "
@@ -645,28 +647,64 @@ def _header_comment(description: dict[str, Any], info: dict[str, Any]) -> str:
     return "/* " + "\n".join(f"   {line}".rstrip() for line in lines).lstrip() + "\n*/\n"
 
 
+def _output_text(threshold: float, values: tuple[int, ...] | None) -> str:
+    """What OUT.u8 holds: the binary mask, or the label map of a multi-class model."""
+    if values is None:
+        return (
+            f"OUT.u8: the mask, HEIGHT x WIDTH bytes, 1 where sigmoid(logit) >= {threshold} "
+            "(probability in float32, as unetquant segment computes it), else 0."
+        )
+    classes = ", ".join(f"channel {i}: {value}" for i, value in enumerate(values, 1))
+    return (
+        "OUT.u8: the label map, HEIGHT x WIDTH bytes, each the label value of the channel "
+        f"with the largest logit (the most probable class; channel 0: 0, the background; "
+        f"{classes}; unet_label_values in unet.h). unetquant segment takes the largest "
+        "float32 softmax probability, which can differ only where two logits are within a "
+        "float32 rounding of each other."
+    )
+
+
 def c_sources(model: nn.Module, info: dict[str, Any] | None = None) -> dict[str, str]:
     """The C program of ``model``'s integer network: ``{file name: text}`` for
     :data:`C_FILES`. Raises :class:`~napari_unetquant.errors.SettingError` for a network C
-    export cannot run (3D, several output classes, more than one input channel, no quantized
-    layer)."""
+    export cannot run (3D, more than one input channel, no quantized layer, label values
+    over 255). ``info["classes"]``: a multi-class model's label values, as in the ONNX
+    export's metadata."""
     return _sources(model, info)[0]
 
 
 def _sources(
     model: nn.Module, info: dict[str, Any] | None
 ) -> tuple[dict[str, str], dict[str, Any]]:
+    values = _label_values(model, info or {})  # before the network: a quick refusal
     tensors, description = _contents(model)
     weights = _WeightsWriter(tensors, description)
     weights_text = weights.text()
     externs = "".join(
         f"extern const unet_layer {_c_name(layer['name'])};\n" for layer in description["layers"]
     )
+    if values is None:
+        output_macros = (
+            f"#define UNET_THRESHOLD {_double_literal(InferConfig().threshold)} "
+            "/* foreground: sigmoid(logit) >= UNET_THRESHOLD */\n"
+        )
+        mask_values = "0 or 1"
+        pixel_label = PIXEL_LABELS["sigmoid"]
+    else:
+        output_macros = (
+            "/* the label value of each output channel (0: the background) */\n"
+            "extern const unsigned char unet_label_values[UNET_OUT_CHANNELS];\n"
+        )
+        mask_values = "the most probable class's label value (0: the background)"
+        label_values = ", ".join(str(value) for value in (0, *values))
+        pixel_label = PIXEL_LABELS["argmax"].replace("%(label_values)s", label_values)
     header = HEADER_H % {
         "depth": description["unet"]["depth"],
         "in_channels": description["unet"]["in_channels"],
         "extra_bits": description["upsample_extra_bits"],
-        "threshold": _double_literal(InferConfig().threshold),
+        "out_channels": description["unet"]["out_classes"],
+        "output_macros": output_macros,
+        "mask_values": mask_values,
         "externs": externs.rstrip("\n"),
     }
     _, steps = _plan(description)
@@ -676,7 +714,9 @@ def _sources(
     nearest = _upsample_mode(description) == "nearest"
     upsampling = UPSAMPLING[_upsample_mode(description)].strip("\n")
     kernels = kernels.replace("%(upsampling)s", upsampling)
-    program = _header_comment(description, info or {}) + kernels + _network_c(steps, nearest) + MAIN
+    main = MAIN.replace("%(pixel_label)s", pixel_label.lstrip("\n"))
+    comment = _header_comment(description, info or {}, values)
+    program = comment + kernels + _network_c(steps, nearest) + main
     return {"unet.h": header, "weights.c": weights_text, "unet.c": program}, description
 
 
@@ -704,18 +744,39 @@ def _check_model(model: nn.Module) -> None:
             "weight_bits",
             "act_bits",
         )
-    if config.out_classes != 1:
-        raise SettingError(
-            f"C export writes a binary mask (one sigmoid channel, thresholded); this model has "
-            f"{config.out_classes} output classes (a multi-class model, which needs the most "
-            f"probable class per pixel): export it as an ONNX file or as the integer network "
-            f"instead, whose metadata name each channel's label value"
-        )
     if config.in_channels != 1:
         raise SettingError(
             f"C export runs single-channel slices; this model has {config.in_channels} input "
             f"channels: export it as a packed or ONNX file instead"
         )
+
+
+def _label_values(model: nn.Module, info: dict[str, Any]) -> tuple[int, ...] | None:
+    """The label value of each output channel after the background for a multi-class
+    ``model`` (``info["classes"]``, as the model file records them; without it the channel
+    numbers 1, 2, ...), ``None`` for a binary one. Refuses values one byte cannot hold."""
+    _check_model(model)
+    config: Any = getattr(model, "config", None)  # present: checked above
+    channels = int(config.out_classes)
+    if channels == 1:
+        return None
+    classes = info.get("classes")
+    if classes is None:
+        return tuple(range(1, channels))
+    values = tuple(int(value) for value in classes)
+    if len(values) != channels - 1:
+        raise SettingError(
+            f"the model information names {len(values)} classes {list(values)} but the network "
+            f"has {channels} output channels (the background and one per class); export the "
+            f"model file as saved by training, whose information matches its network"
+        )
+    if not all(1 <= value <= 255 for value in values):
+        raise SettingError(
+            f"the C program writes one byte per pixel, and this model's label values "
+            f"{list(values)} do not all fit 1 to 255: export it as an ONNX file or as the "
+            f"integer network instead, whose metadata name each channel's label value"
+        )
+    return values
 
 
 def export_c(
