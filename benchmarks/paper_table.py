@@ -126,8 +126,10 @@ def _run(
     steps: int,
     init: str | None,
     setup: Setup,
+    size_budget: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse) one model and score it on the test split."""
+    """Train (or reuse) one model and score it on the test split (``size_budget``: bytes of
+    the packed file, each layer's weight bits chosen to fit; mixed_precision.py)."""
     words = label.replace(",", "").split()
     key = f"{dataset.name.split()[0]}-{words[0]}-{'-'.join(words[1:]) or words[0]}-s{seed}-{steps}"
     if setup.upsample != Setup.upsample:
@@ -138,6 +140,8 @@ def _run(
         key += f"-scanner{setup.scanner_augment:g}"
     if setup.intensity != Setup.intensity and init is None:  # a fine-tune keeps its model's
         key += f"-{setup.intensity}"
+    if size_budget is not None:
+        key += f"-budget{size_budget}"
     if init is not None:
         key += f"-from-{Path(init).stem}"
     key = key.replace("/", "_").replace(".", "").replace("(", "").replace(")", "")
@@ -165,6 +169,7 @@ def _run(
         init=init,
         intensity=setup.intensity if init is None else None,
         save_float=True,  # site_gap.py reads the float state (BatchNorm statistics, formats)
+        size_budget=size_budget,
     )
     start = time.perf_counter()
     for _ in train_model(job):

@@ -31,6 +31,7 @@ SETTINGS = (
     "out_dir",
     "processes",
     "resume",
+    "size_budget",
     "spacing",
     "weight_bits",
     "weight_format",

@@ -14,7 +14,7 @@ and safetensors parses no code. :func:`unpacked` turns a packed model back into 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,23 @@ def model_classes(bundle: SegmentationModel) -> tuple[int, ...] | None:
     return tuple(int(value) for value in classes)
 
 
+def quant_to_dict(quant: QuantConfig) -> dict[str, Any]:
+    """``dataclasses.asdict(quant)``, each override's settings without the fields left at
+    their defaults (a size budget's model has an override per block: its file stays small).
+    :func:`quant_from_dict` reads it back."""
+    data = asdict(quant)
+    defaults = {f.name: f.default for f in fields(QuantizerConfig)}
+    for override in data["overrides"]:
+        for key in ("weight", "act"):
+            if override[key] is not None:
+                override[key] = {
+                    k: v
+                    for k, v in override[key].items()
+                    if k in ("method", "bits") or v != defaults[k]
+                }
+    return data
+
+
 def quant_from_dict(data: dict[str, Any]) -> QuantConfig:
     """Rebuild a :class:`QuantConfig` from ``dataclasses.asdict`` output."""
 
@@ -104,10 +121,23 @@ def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = Fa
     ``packed=True`` writes the packed layout: integer weight codes at their bit width and
     folded BatchNorm, loading to a network with exactly the same outputs.
     """
+    write_safetensors(Path(path), *_file_contents(bundle, packed))
 
+
+def packed_file_bytes(bundle: SegmentationModel) -> int:
+    """The exact size of ``bundle``'s packed file (what ``save_model(..., packed=True)``
+    writes: codes, scales, float layers and metadata), made in memory."""
+    from safetensors.torch import save
+
+    return len(save(*_file_contents(bundle, packed=True)))
+
+
+def _file_contents(
+    bundle: SegmentationModel, packed: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     config: dict[str, Any] = {
         "unet": asdict(bundle.unet),
-        "quant": asdict(bundle.quant),
+        "quant": quant_to_dict(bundle.quant),
         "preprocess": asdict(bundle.preprocess),
         "info": bundle.info,
     }
@@ -122,7 +152,7 @@ def save_model(path: str | Path, bundle: SegmentationModel, *, packed: bool = Fa
         tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
         version = VERSION
     metadata = {"format": FORMAT, "version": str(version), "config": json.dumps(config)}
-    write_safetensors(Path(path), tensors, metadata)
+    return tensors, metadata
 
 
 def _check_not_pickle(path: Path) -> None:

@@ -298,6 +298,7 @@ CONTROLS = {
     "out_dir": "output folder",
     "processes": "",
     "resume": "",
+    "size_budget": "size budget (KiB)",
     "spacing": "",
     "weight_bits": "weight bits",
     "weight_format": "paper formats",

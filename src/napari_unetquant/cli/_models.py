@@ -109,9 +109,12 @@ def _summary_and_table(path: str) -> tuple[dict[str, object], str]:
     report = bit_report(bundle.model)
     quant = bundle.quant
     on_disk = file_report(path, bundle.model, bundle.unet)
+    mixed = bundle.info.get("weight_bits_per_layer")  # a size budget's allocation
+    widths = sorted(set(mixed.values())) if isinstance(mixed, dict) and mixed else None
     summary: dict[str, object] = {
-        "label": quant.label,
-        "weight_bits": quant.weight.bits,
+        "label": bundle.info.get("label", quant.label) if widths else quant.label,
+        "weight_bits": f"mixed {widths[0]}-{widths[-1]}" if widths else quant.weight.bits,
+        "size_budget": bundle.info.get("size_budget"),
         "act_bits": quant.act.bits,
         "quantizer": quant.weight.method if not quant.weight.is_float else quant.act.method,
         "weight_format": quant.weight.format_name,
@@ -196,6 +199,9 @@ def run_info(args: argparse.Namespace) -> int:
     for key in keys:
         print(f"{key:<12}{summary[key]}")
     print(f"{'file':<12}{_file_line(summary, args.model)}")
+    if summary["size_budget"] is not None:
+        budget = int(str(summary["size_budget"]))
+        print(f"{'budget':<12}{budget / 1024:.1f} KiB ({budget} bytes) for the packed file")
     print(f"{'inputs':<12}{summary['inputs']}")
     training = summary["training"]
     assert isinstance(training, dict)

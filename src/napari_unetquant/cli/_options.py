@@ -29,6 +29,7 @@ OPTIONS = {
     "out_dir": "--out-dir",
     "processes": "torchrun --nproc_per_node",
     "resume": "--resume",
+    "size_budget": "--size-budget",
     "spacing": "--spacing",
     "weight_bits": "--weight-bits",
     "weight_format": "--weight-format",

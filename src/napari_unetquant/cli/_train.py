@@ -26,6 +26,7 @@ from ..events import StepEvent, ValidationEvent
 from ..jobs import ALL_CLASSES, TrainJob, train_model
 from ..modelio import read_metadata
 from ..packed import LAYOUT_PACKED
+from ..quant.allocation import parse_size
 from ..recipes import FINE_TUNE_LEARNING_RATE, FINE_TUNE_STEPS, train_config
 from ._options import add_device_argument, add_quant_arguments, quant_config_from_args
 
@@ -73,6 +74,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--init",
         metavar="MODEL",
         help="fine-tune from this model's weights (a float or a packed model file)",
+    )
+    train.add_argument(
+        "--size-budget",
+        type=_size,
+        metavar="SIZE",
+        help="largest packed model file, e.g. 100KiB (KiB, MiB, kB, MB or bytes): each "
+        "quantized layer's weight bits are chosen from 2, 3, 4, 5, 6, 8 by Hessian sensitivity "
+        "and an exact allocation, then --init is fine-tuned; activations take --act-bits",
     )
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument(
@@ -232,11 +241,19 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
             "--crop-depth sets the slices of 3D training patches; add --spatial-dims 3 for a "
             "3D U-Net, or drop it (2D U-Nets train on single slices)"
         )
+    if args.size_budget is not None and (args.weight_bits or args.weight_format):
+        raise ValueError(
+            "--size-budget chooses each layer's weight bits; drop --weight-bits and "
+            "--weight-format (--quantizer still chooses fixed or lsq weights)"
+        )
+    quant = quant_config_from_args(args)
+    if args.size_budget is not None:  # the quantizer's weights, widths chosen per layer later
+        quant = quant_config_from_args(argparse.Namespace(**{**vars(args), "weight_bits": 8}))
     return TrainJob(
         images=tuple(args.images),
         labels=tuple(args.labels),
         out=args.out,
-        quant=quant_config_from_args(args),
+        quant=quant,
         unet=unet_from_args(args),
         train=train_config_from_args(args),
         foreground_value=args.foreground_value,
@@ -250,7 +267,16 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         checkpoint_seconds=args.checkpoint_seconds,
         save_float=args.save_float,
         classes=args.classes,
+        size_budget=args.size_budget,
     )
+
+
+def _size(text: str) -> int:
+    """``--size-budget``: bytes from 100KiB, 0.5MiB, 40kB or 40000."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _classes(text: str) -> tuple[int, ...] | str:
@@ -313,9 +339,15 @@ def _train(job: TrainJob, resume: bool, reports: bool) -> int:
 
 
 def _written(job: TrainJob) -> str:
-    """``W4A6, packed, 37.2 KiB``: what the model file holds and its size."""
-    layout = "packed" if read_metadata(job.out)["layout"] == LAYOUT_PACKED else "float"
-    return f"{job.quant.label}, {layout}, {Path(job.out).stat().st_size / 1024:.1f} KiB"
+    """``W4A6, packed, 37.2 KiB``: what the model file holds and its size (and the budget it
+    was allocated for)."""
+    metadata = read_metadata(job.out)
+    layout = "packed" if metadata["layout"] == LAYOUT_PACKED else "float"
+    label = metadata.get("info", {}).get("label", job.quant.label)
+    text = f"{label}, {layout}, {Path(job.out).stat().st_size / 1024:.1f} KiB"
+    if job.size_budget is not None:
+        text += f" (budget {job.size_budget / 1024:.1f} KiB for the packed file)"
+    return text
 
 
 def progress(event: object, out: TextIO | None = None) -> None:

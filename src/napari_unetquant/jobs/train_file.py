@@ -30,9 +30,20 @@ from ..train import (
     read_pairs,
     save_checkpoint,
     split_validation,
+    training_set,
 )
 from ..train.distributed import first_process_file
-from .training import Start, TrainingRun, begin, check_fine_tune_source, start_network
+from .budget import BudgetPlan, plan_budget
+from .training import (
+    Start,
+    TrainingRun,
+    begin,
+    check_fine_tune_source,
+    requantized,
+    result_info_at_most,
+    run_info,
+    start_network,
+)
 
 AUTO = "auto"
 ALL_CLASSES = "all"
@@ -53,6 +64,9 @@ class TrainJob:
     make a multi-class model (softmax over one channel per class and the background), one is
     ``foreground_value``, ``"all"`` every non-zero value the training labels hold, ``None``
     the binary model of ``foreground_value`` (or the ``init`` model's classes).
+    ``size_budget``: bytes the packed model file must fit; each quantized layer's weight bits
+    are then chosen (:mod:`.budget`) before fine-tuning ``init``, ``quant`` giving the
+    activations, the weight quantizer and which layers are quantized.
     """
 
     images: tuple[str, ...]
@@ -72,8 +86,24 @@ class TrainJob:
     checkpoint_seconds: float = 60.0
     save_float: bool = False
     classes: tuple[int, ...] | str | None = None
+    size_budget: int | None = None
 
     def __post_init__(self) -> None:
+        if self.size_budget is not None:
+            if self.size_budget <= 0:
+                raise SettingError(
+                    f"a size budget of {self.size_budget} bytes: give a positive size, e.g. "
+                    f"100 KiB",
+                    "size_budget",
+                )
+            if self.init is None:
+                raise SettingError(
+                    "a size budget chooses each layer's bits from a trained model's "
+                    "sensitivity and fine-tunes it; name the full-precision model to start "
+                    "from",
+                    "size_budget",
+                    "init",
+                )
         if not self.checkpoint_seconds >= 0:
             raise ValueError(
                 f"checkpoint every {self.checkpoint_seconds} s: give 0 (every step) or more"
@@ -195,8 +225,39 @@ def _run(job: TrainJob) -> TrainingRun:
         split = (pairs, validation)
     else:
         split = split_validation(pairs)
-    run = begin(start, job.quant, job.train, split, _preprocess(job, pairs, start.preprocess))
+    preprocess = _preprocess(job, pairs, start.preprocess)
+    if job.size_budget is None:
+        run = begin(start, job.quant, job.train, split, preprocess)
+        run.info["init"] = job.init
+        return run
+    return _budgeted_run(job, start, split, preprocess)
+
+
+def _budgeted_run(
+    job: TrainJob,
+    start: Start,
+    split: tuple[list[LabelledVolume], list[LabelledVolume]],
+    preprocess: PreprocessConfig,
+) -> TrainingRun:
+    """The fine-tune of a size budget: the widths planned on ``init`` and the training data,
+    then the run, whose model information records the plan."""
+    assert job.init is not None and job.size_budget is not None  # checked by TrainJob
+    source = load_model(job.init)
+    training = training_set(split[0], preprocess, start.unet.spatial_dims)
+
+    def info(plan: BudgetPlan) -> dict[str, Any]:
+        return {
+            **run_info(start, plan.quant, split),
+            "init": job.init,
+            **plan.info(),
+            **result_info_at_most(job.train.steps),
+        }
+
+    plan = plan_budget(source, job.quant, training, job.train, job.size_budget, info)
+    start = replace(start, model=requantized(source, plan.quant))
+    run = begin(start, plan.quant, job.train, split, preprocess, training)
     run.info["init"] = job.init
+    run.info.update(plan.info())
     return run
 
 
@@ -290,4 +351,5 @@ def _identity(job: TrainJob, run: TrainingRun) -> dict[str, Any]:
         "foreground_value": run.info["foreground_value"],
         "classes": run.info.get("classes"),
         "init": job.init,
+        **({"size_budget": job.size_budget} if job.size_budget is not None else {}),
     }

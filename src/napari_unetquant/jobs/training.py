@@ -147,25 +147,46 @@ def begin(
     config: TrainConfig,
     pairs: tuple[list[LabelledVolume], list[LabelledVolume]],
     preprocess: PreprocessConfig,
+    training: SliceSet | VolumeSet | None = None,
 ) -> TrainingRun:
     """The one way a run begins: the trainer on ``pairs`` (training, validation) as the
-    network of ``start`` sees them."""
+    network of ``start`` sees them (``training``: the training pairs' set, when the caller
+    made it already)."""
     train_pairs, val_pairs = pairs
     dims = start.unet.spatial_dims  # 3D U-Nets train on whole volumes
     validation = training_set(val_pairs, preprocess, dims) if val_pairs else None
-    training = training_set(train_pairs, preprocess, dims)
+    if training is None:
+        training = training_set(train_pairs, preprocess, dims)
     if start.unfolded:  # BatchNorm from a packed file: statistics measured on these data
         calibrate_batch_norm(start.model, calibration_batch(training, config))
     trainer = Trainer(start.model, training, validation, config)
-    info = {
+    info = run_info(start, quant, pairs)
+    return TrainingRun(trainer, start.unet, quant, preprocess, info)
+
+
+def run_info(
+    start: Start, quant: QuantConfig, pairs: tuple[list[LabelledVolume], list[LabelledVolume]]
+) -> dict[str, Any]:
+    """The model information a run starts with (:meth:`TrainingRun.best` adds the results)."""
+    return {
         "label": quant.label,
         "foreground_value": start.foreground_value,
         **({"classes": list(start.classes)} if start.classes else {}),
-        "train_volumes": len(train_pairs),
-        "validation_volumes": len(val_pairs),
+        "train_volumes": len(pairs[0]),
+        "validation_volumes": len(pairs[1]),
         "napari_unetquant": __version__,
     }
-    return TrainingRun(trainer, start.unet, quant, preprocess, info)
+
+
+def result_info_at_most(steps: int) -> dict[str, Any]:
+    """What :meth:`TrainingRun.best` adds, each value as long as it can be in a run of
+    ``steps`` steps (a size budget counts the file's final metadata before training)."""
+    return {
+        "best_step": steps,
+        "steps": steps,
+        "validation_dice": 2.2250738585072014e-308,  # the longest text a float can have
+        "created": now(),
+    }
 
 
 def calibration_batch(data: SliceSet | VolumeSet, config: TrainConfig) -> torch.Tensor:
