@@ -20,6 +20,7 @@ from napari.qt.threading import GeneratorWorker
 from napari.utils.notifications import show_info
 
 from ..config import QuantConfig, UNetConfig
+from ..errors import SettingError
 from ..events import Event, StepEvent
 from ..jobs import SweepJob, SweepResult, sweep, write_sweep_csv
 from ..modelio import SegmentationModel
@@ -46,6 +47,8 @@ TABLE_HEADERS = {
     "stored_bytes": "stored KiB",
     "fp32_bytes": "FP32 KiB",
     "compression": "x smaller",
+    "packed_file_bytes": "packed file KiB",
+    "size_budget_bytes": "budget KiB",
     "fine_tuned_from": "fine-tuned from",
 }
 """The table's headers for the CSV's columns (the CSV keeps its machine-readable names)."""
@@ -56,8 +59,25 @@ def table_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {}
     for key, header in TABLE_HEADERS.items():
         values = [row[key] for row in rows]
-        columns[header] = [round(v / 1024, 1) for v in values] if key.endswith("_bytes") else values
+        if key.endswith("_bytes"):  # sizes in KiB; a budget's cell is empty without one
+            values = [round(v / 1024, 1) if isinstance(v, int) else v for v in values]
+        columns[header] = values
     return columns
+
+
+def budget_bytes(text: str) -> tuple[int, ...]:
+    """The sizes typed as ``40, 60.5`` KiB, in bytes (nothing typed: none)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        sizes = tuple(round(float(part) * 1024) for part in parts)
+    except ValueError:
+        sizes = (0,)
+    if any(size <= 0 for size in sizes):
+        raise SettingError(
+            f"size budgets {text!r}: give positive sizes in KiB separated by commas, e.g. 40, 60",
+            "size_budget",
+        )
+    return sizes
 
 
 class SweepWidget(TrainingInputs):
@@ -71,6 +91,11 @@ class SweepWidget(TrainingInputs):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
         self.settings = LineEdit(value=DEFAULT_SETTINGS, label="settings")
+        self.budgets = LineEdit(value="", label="size budgets (KiB)")
+        self.budgets.tooltip = (
+            "packed file sizes, e.g. 40, 60: one fine-tune of the FP model per size, each "
+            "layer's weight bits chosen to fit (activations 6-bit fixed point)"
+        )
         self.fp_steps = SpinBox(value=DOCK_STEPS, min=1, max=100_000, label="FP steps")
         self.quant_steps = SpinBox(
             value=DOCK_FINE_TUNE_STEPS, min=1, max=100_000, label="fine-tune steps"
@@ -85,6 +110,7 @@ class SweepWidget(TrainingInputs):
         self.extend(
             [
                 self.settings,
+                self.budgets,
                 self.fp_steps,
                 self.quant_steps,
                 self.start,
@@ -110,6 +136,7 @@ class SweepWidget(TrainingInputs):
             "sweep",
             {
                 "settings": self.settings,
+                "budgets": self.budgets,
                 "fp_steps": self.fp_steps,
                 "quant_steps": self.quant_steps,
             },
@@ -125,10 +152,12 @@ class SweepWidget(TrainingInputs):
         """The sweep the controls ask for (read here, on the GUI thread)."""
         classes = label_classes(self.foreground_value.value)
         labels = [part for part in self.settings.value.split(",") if part.strip()]
-        if not labels:
+        budgets = budget_bytes(self.budgets.value)
+        if not labels and not budgets:
             raise ValueError(f"list the settings to compare, e.g. {DEFAULT_SETTINGS}")
         return SweepJob(
             settings=tuple(QuantConfig.from_label(label) for label in labels),
+            budgets=budgets,
             fp_steps=self.fp_steps.value,
             fine_tune_steps=self.quant_steps.value,
             unet=UNetConfig(base_width=self.network_width.value),
@@ -174,7 +203,8 @@ class SweepWidget(TrainingInputs):
             self.results.append(event)
             _session.add_model(f"{event.label} (sweep)", event.model)
             self.by_bits.add_point("Dice", event.mean_weight_bits, event.dice, event.label)
-            self.by_size.add_point("Dice", event.stored_bytes / 1024, event.dice, event.label)
+            series = "Dice" if event.size_budget is None else "size budget"
+            self.by_size.add_point(series, event.stored_bytes / 1024, event.dice, event.label)
             self.table.value = table_columns([r.row() for r in self.results])
             self.status.value = f"{event.label}: validation Dice {event.dice:.3f}"
         elif isinstance(event, StepEvent):
@@ -194,6 +224,7 @@ class SweepWidget(TrainingInputs):
     def _total_steps(job: SweepJob) -> int:
         """Every step of the sweep, for one progress bar over all its settings."""
         steps = [job.fp_steps if q.is_float else job.fine_tune_steps for q in job.settings]
+        steps += [job.fine_tune_steps] * len(job.budgets)
         return max(1, sum(s or 0 for s in steps))
 
     def _finished(self) -> None:

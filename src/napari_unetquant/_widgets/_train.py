@@ -15,6 +15,7 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     FileEdit,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
@@ -25,6 +26,7 @@ from napari.utils.notifications import show_info, show_warning
 
 from ..config import QuantConfig, TrainConfig, UNetConfig
 from ..devices import resolve_device
+from ..errors import SettingError
 from ..events import Event, StepEvent
 from ..jobs import TrainingRun, check_training_data, start_training
 from ..jobs.training import (
@@ -82,6 +84,14 @@ class TrainWidget(TrainingInputs):
         self.format = Label(label="format")
         self.format.native.setWordWrap(True)  # long descriptions must not widen the dock
         self.fine_tune = CheckBox(value=True, text="fine-tune from this session's FP model")
+        self.size_budget = FloatSpinBox(
+            value=0.0, min=0.0, max=1_000_000.0, step=1.0, label="size budget (KiB)"
+        )
+        self.size_budget.tooltip = (
+            "0: none. Otherwise the largest packed model file: each quantized layer's weight "
+            "bits (2-8) are chosen by Hessian sensitivity to fit it, then this session's FP "
+            "model is fine-tuned"
+        )
         self.steps = SpinBox(value=DOCK_STEPS, min=1, max=100_000, label="steps")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.start = PushButton(text="Start")
@@ -102,6 +112,7 @@ class TrainWidget(TrainingInputs):
                 self.paper,
                 self.format,
                 self.fine_tune,
+                self.size_budget,
                 self.steps,
                 self.device,
                 self.start,
@@ -123,6 +134,7 @@ class TrainWidget(TrainingInputs):
                 "quantizer": self.quantizer,
                 "weight_bits": self.weight_bits,
                 "act_bits": self.act_bits,
+                "size_budget": self.size_budget,
                 "steps": self.steps,
                 "device": self.device,
                 "intensity": self.ct.intensity,
@@ -130,7 +142,13 @@ class TrainWidget(TrainingInputs):
                 "ct_width": self.ct.width,
             },
         )
-        for widget in (self.quantizer, self.weight_bits, self.act_bits, self.paper):
+        for widget in (
+            self.quantizer,
+            self.weight_bits,
+            self.act_bits,
+            self.paper,
+            self.size_budget,
+        ):
             widget.changed.connect(self._show_format)
         self.start.clicked.connect(self.run)
         self.stop.clicked.connect(self.request_stop)
@@ -144,10 +162,22 @@ class TrainWidget(TrainingInputs):
     def _show_format(self, *_: Any) -> None:
         fixed_or_lsq = self.quantizer.value in BIT_METHODS and not self.paper.value
         self.weight_bits.enabled = self.act_bits.enabled = fixed_or_lsq
+        if self.budget() is not None:  # the budget chooses the weight bits
+            self.weight_bits.enabled = False
+            self.format.value = (
+                f"weights: {self.quantizer.value}, each layer's bits (2-8) chosen to fit "
+                f"{self.size_budget.value:g} KiB; activations {self.act_bits.value} bits"
+            )
+            return
         try:
             self.format.value = meaning(self.quant_config())
         except ValueError as error:
             self.format.value = str(error)
+
+    def budget(self) -> int | None:
+        """The size budget in bytes (``None``: none)."""
+        kib = float(self.size_budget.value)
+        return round(kib * 1024) if kib > 0 else None
 
     def quant_config(self) -> QuantConfig:
         """The quantization the controls ask for."""
@@ -177,7 +207,15 @@ class TrainWidget(TrainingInputs):
         (slow: normalisation, resampling, the network), for the worker to call."""
         image, labels = self.training_data()
         quant = self.quant_config()
+        budget = self.budget()
         init = self._fp_model() if self.fine_tune.value and not quant.is_float else None
+        if budget is not None and (quant.is_float or init is None):
+            raise SettingError(
+                "a size budget fine-tunes this session's full-precision model: train FP first "
+                "(size budget 0), then quantize with fine-tuning ticked",
+                "size_budget",
+                "init",
+            )
         if self.fine_tune.value and not quant.is_float and init is None:
             dims = self.network.value
             show_info(
@@ -209,6 +247,7 @@ class TrainWidget(TrainingInputs):
             ct_window,
             foreground_value=value,
             classes=classes,
+            size_budget=budget,
         )
 
     def run(self) -> None:

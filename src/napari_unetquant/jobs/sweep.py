@@ -12,8 +12,9 @@ import numpy as np
 
 from ..config import QuantConfig, UNetConfig
 from ..data.io import Volume, write_csv
+from ..errors import SettingError
 from ..events import Event
-from ..modelio import SegmentationModel, model_classes
+from ..modelio import SegmentationModel, model_classes, packed_file_bytes
 from ..quant import bit_report
 from ..recipes import train_config
 from .training import start_training
@@ -40,10 +41,20 @@ class SweepJob:
     classes: tuple[int, ...] | None = None
     """Two or more label values: multi-class models (the masks hold class indices), scored by
     the mean of the classes' validation Dice."""
+    budgets: tuple[int, ...] = ()
+    """Packed file sizes in bytes: after the settings, one fine-tune of the sweep's FP model
+    per size, each layer's weight bits chosen to fit (:mod:`.budget`), activations and
+    quantizer as ``budget_quant`` says."""
+    budget_quant: QuantConfig = field(default_factory=lambda: QuantConfig.from_bits(8, 6))
 
     def __post_init__(self) -> None:
-        if not self.settings:
+        if not self.settings and not self.budgets:
             raise ValueError("list the settings to compare, e.g. FP, W8A8, W4A6, ternary")
+        for budget in self.budgets:
+            if budget <= 0:
+                raise SettingError(
+                    f"a size budget of {budget} bytes: give positive sizes", "size_budget"
+                )
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,9 @@ class SweepResult:
     stored_bytes: int
     fp32_bytes: int
     model: SegmentationModel
+    packed_bytes: int = 0
+    """The size of the model's packed file (what export writes; a float model's float file)."""
+    size_budget: int | None = None
 
     def row(self) -> dict[str, Any]:
         """The CSV/table row (everything but the model)."""
@@ -66,6 +80,8 @@ class SweepResult:
             "stored_bytes": self.stored_bytes,
             "fp32_bytes": self.fp32_bytes,
             "compression": round(self.fp32_bytes / self.stored_bytes, 2),
+            "packed_file_bytes": self.packed_bytes,
+            "size_budget_bytes": self.size_budget or "",
             "fine_tuned_from": self.model.info.get("init") or "",
         }
 
@@ -85,7 +101,15 @@ def sweep(
     wanted = job.classes if job.classes is not None and len(job.classes) > 1 else None
     if fp_model is not None and model_classes(fp_model) != wanted:
         fp_model = None
-    for quant in ordered:
+    if job.budgets and fp_model is None and not any(q.is_float for q in ordered):
+        raise SettingError(
+            "a size budget fine-tunes the sweep's full-precision model, and there is none: "
+            "add FP to the settings",
+            "size_budget",
+        )
+    runs: list[tuple[QuantConfig, int | None]] = [(quant, None) for quant in ordered]
+    runs += [(job.budget_quant, budget) for budget in job.budgets]
+    for quant, budget in runs:
         init = None if quant.is_float else fp_model
         steps = job.fp_steps if quant.is_float else job.fine_tune_steps
         config = train_config(
@@ -101,19 +125,25 @@ def sweep(
             init,
             foreground_value=job.foreground_value,
             classes=wanted,
+            size_budget=budget,
         )
         yield from run.events()
         bundle = run.best()
         if quant.is_float:
             fp_model = bundle
         report = bit_report(bundle.model)
+        label = (
+            quant.label if budget is None else f"{bundle.info['label']} in {budget / 1024:.1f} KiB"
+        )
         yield SweepResult(
-            quant.label,
+            label,
             run.trainer.best_dice,
             report.mean_weight_bits,
             report.stored_bytes,
             report.fp32_bytes,
             bundle,
+            packed_file_bytes(bundle),
+            budget,
         )
 
 

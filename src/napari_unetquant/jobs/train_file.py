@@ -30,18 +30,14 @@ from ..train import (
     read_pairs,
     save_checkpoint,
     split_validation,
-    training_set,
 )
 from ..train.distributed import first_process_file
-from .budget import BudgetPlan, plan_budget
 from .training import (
     Start,
     TrainingRun,
     begin,
+    budgeted_begin,
     check_fine_tune_source,
-    requantized,
-    result_info_at_most,
-    run_info,
     start_network,
 )
 
@@ -230,35 +226,13 @@ def _run(job: TrainJob) -> TrainingRun:
         run = begin(start, job.quant, job.train, split, preprocess)
         run.info["init"] = job.init
         return run
-    return _budgeted_run(job, start, split, preprocess)
-
-
-def _budgeted_run(
-    job: TrainJob,
-    start: Start,
-    split: tuple[list[LabelledVolume], list[LabelledVolume]],
-    preprocess: PreprocessConfig,
-) -> TrainingRun:
-    """The fine-tune of a size budget: the widths planned on ``init`` and the training data,
-    then the run, whose model information records the plan."""
-    assert job.init is not None and job.size_budget is not None  # checked by TrainJob
-    source = load_model(job.init)
-    training = training_set(split[0], preprocess, start.unet.spatial_dims)
-
-    def info(plan: BudgetPlan) -> dict[str, Any]:
-        return {
-            **run_info(start, plan.quant, split),
-            "init": job.init,
-            **plan.info(),
-            **result_info_at_most(job.train.steps),
-        }
-
-    plan = plan_budget(source, job.quant, training, job.train, job.size_budget, info)
-    start = replace(start, model=requantized(source, plan.quant))
-    run = begin(start, plan.quant, job.train, split, preprocess, training)
-    run.info["init"] = job.init
-    run.info.update(plan.info())
-    return run
+    source = load_model(job.init) if job.init is not None else None
+    if source is None or job.size_budget is None:  # TrainJob refuses a budget without init
+        raise AssertionError("a size budget without a model to fine-tune")
+    extra = {"init": job.init}
+    return budgeted_begin(
+        start, source, job.quant, job.train, split, preprocess, job.size_budget, extra
+    )
 
 
 def writes_packed(job: TrainJob, bundle: SegmentationModel) -> bool:

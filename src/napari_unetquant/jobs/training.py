@@ -164,6 +164,38 @@ def begin(
     return TrainingRun(trainer, start.unet, quant, preprocess, info)
 
 
+def budgeted_begin(
+    start: Start,
+    init: SegmentationModel,
+    quant: QuantConfig,
+    config: TrainConfig,
+    pairs: tuple[list[LabelledVolume], list[LabelledVolume]],
+    preprocess: PreprocessConfig,
+    budget: int,
+    extra: dict[str, Any],
+) -> TrainingRun:
+    """:func:`begin` for a size budget: each layer's weight bits planned on ``init`` and the
+    training data (:func:`~.budget.plan_budget`) so that the packed file of the trained model,
+    whose information is the run's, ``extra`` and the plan's, fits ``budget`` bytes."""
+    from .budget import BudgetPlan, plan_budget
+
+    training = training_set(pairs[0], preprocess, start.unet.spatial_dims)
+
+    def info(plan: BudgetPlan) -> dict[str, Any]:
+        return {
+            **run_info(start, plan.quant, pairs),
+            **extra,
+            **plan.info(),
+            **result_info_at_most(config.steps),
+        }
+
+    plan = plan_budget(init, quant, training, config, budget, info)
+    start = replace(start, model=requantized(init, plan.quant))
+    run = begin(start, plan.quant, config, pairs, preprocess, training)
+    run.info.update({**extra, **plan.info()})
+    return run
+
+
 def run_info(
     start: Start, quant: QuantConfig, pairs: tuple[list[LabelledVolume], list[LabelledVolume]]
 ) -> dict[str, Any]:
@@ -292,6 +324,7 @@ def start_training(
     *,
     foreground_value: int | None = None,
     classes: tuple[int, ...] | None = None,
+    size_budget: int | None = None,
 ) -> TrainingRun:
     """Prepare training on one image and its foreground mask ``(S, H, W)`` (validation held
     out as :func:`~napari_unetquant.train.split_validation` says); ``init`` fine-tunes, and the
@@ -305,7 +338,9 @@ def start_training(
     recorded in the model so that Segment and the Dice readout score the same object; a
     fine-tune must use its model's (:func:`check_fine_tune_foreground`). ``classes``: two or
     more label values make a multi-class model, ``labels`` then holding class indices
-    (:func:`~napari_unetquant.data.preprocess.class_indices`); a fine-tune keeps its model's."""
+    (:func:`~napari_unetquant.data.preprocess.class_indices`); a fine-tune keeps its model's.
+    ``size_budget``: bytes the packed model file must fit, each quantized layer's weight bits
+    chosen for it before fine-tuning ``init`` (:func:`budgeted_begin`)."""
     check_training_data(image, labels, init)
     check_fine_tune_foreground(init, foreground_value)
     classes = classes if classes is not None and len(classes) > 1 else None
@@ -323,10 +358,20 @@ def start_training(
     preprocess = start.preprocess or PreprocessConfig(
         spacing=spacing, ct_window=ct_window, intensity=intensity_for(spacing, ct_window)
     )
+    extra = {
+        "source": image.source,
+        "init": None if init is None else model_name(init),
+        "foreground_value": foreground_value,
+    }
+    if size_budget is not None:
+        if init is None:
+            raise SettingError(
+                "a size budget chooses each layer's bits from a trained model's sensitivity "
+                "and fine-tunes it; fine-tune a full-precision model",
+                "size_budget",
+                "init",
+            )
+        return budgeted_begin(start, init, quant, train, pairs, preprocess, size_budget, extra)
     run = begin(start, quant, train, pairs, preprocess)
-    run.info.update(
-        source=image.source,
-        init=None if init is None else model_name(init),
-        foreground_value=foreground_value,
-    )
+    run.info.update(extra)
     return run
