@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,12 +17,15 @@ from onnx import numpy_helper
 
 from napari_unetquant.cli import main
 from napari_unetquant.config import QuantConfig
+from napari_unetquant.errors import SettingError
 from napari_unetquant.infer.integer import IntegerUNet
-from napari_unetquant.jobs import TrainJob
-from napari_unetquant.jobs.budget import allocated_quant, headroom
+from napari_unetquant.jobs import TrainJob, train_model
+from napari_unetquant.jobs import budget as budget_module
+from napari_unetquant.jobs.budget import BudgetPlan, allocated_quant, budget_method, headroom
 from napari_unetquant.modelio import load_model, read_metadata
 from napari_unetquant.quant import conv_names, resolve_layer_configs
 from napari_unetquant.quant.allocation import BIT_CHOICES
+from napari_unetquant.recipes import train_config
 
 
 def _run(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -70,23 +75,22 @@ def test_a_budgeted_fine_tune_fits_and_records_its_widths(
     info = read_metadata(out)["info"]
     bits = info["weight_bits_per_layer"]
     bundle = load_model(out)
-    quantized = [
-        name
-        for name, (weight, _) in resolve_layer_configs(
-            conv_names(bundle.model), QuantConfig.from_bits(8, 6)
-        ).items()
-        if not weight.is_float
-    ]
-    assert sorted(bits) == sorted(quantized) and set(bits.values()) <= set(BIT_CHOICES)
+    # every convolution is allocated: the float edges may stay float (32) or take bits
+    assert sorted(bits) == sorted(conv_names(bundle.model))
+    assert set(bits.values()) <= {*BIT_CHOICES, 32}
+    assert {bits[n] for n in bits if not n.startswith(("enc1.", "head"))} <= set(BIT_CHOICES)
     assert len(set(bits.values())) > 1, "a budget between the uniform sizes mixes widths"
     assert info["size_budget"] == budget and info["init"] == str(fp)
     traces = info["allocation"]["hessian_trace_per_weight"]
     assert sorted(traces) == sorted(bits) and all(np.isfinite(v) for v in traces.values())
     layers = read_metadata(out)["layers"]  # the packed codes are at the chosen widths
-    assert {name: layers[name]["bits"] for name in bits} == bits
+    assert {name: layers.get(name, {"bits": 32})["bits"] for name in bits} == bits
+    quantized = {name: width for name, width in bits.items() if width != 32}
     assert bundle.quant == allocated_quant(
-        QuantConfig.from_bits(8, 6), "fixed", bits, conv_names(bundle.model)
+        QuantConfig.from_bits(8, 6), "fixed", quantized, conv_names(bundle.model)
     )
+    resolved = resolve_layer_configs(conv_names(bundle.model), bundle.quant)
+    assert {n: w.bits for n, (w, _) in resolved.items()} == bits
 
     code, stdout, _ = _run(["info", "--model", out], capsys)
     assert code == 0 and f"budget      {budget / 1024:.1f} KiB" in stdout
@@ -158,6 +162,41 @@ def test_every_export_keeps_the_layer_widths(
     assert np.array_equal(mask, (probability >= 0.5).astype(np.uint8))
 
 
+def test_the_trained_file_is_no_larger_than_its_plan_expects(
+    fp_and_w3: tuple[Path, Path], phantom_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The plan counts the final file's metadata before training (the longest text each
+    result can have, a few bytes per layer of headroom): the trained file is at most the size
+    it expects, and within that headroom of it (the count is exact, not a loose bound)."""
+    fp, w3 = fp_and_w3
+    job = TrainJob(
+        images=(str(phantom_files[0]),),
+        labels=(str(phantom_files[1]),),
+        out=str(tmp_path / "mixed.safetensors"),
+        quant=QuantConfig.from_bits(8, 6),
+        train=replace(
+            train_config(fine_tune=True, steps=4), crop=32, batch_size=2, validate_every=2
+        ),
+        init=str(fp),
+        size_budget=w3.stat().st_size + 1024,
+    )
+    plans: list[BudgetPlan] = []
+    original = budget_module.plan_budget
+
+    def recording(*args: Any) -> BudgetPlan:
+        plans.append(original(*args))
+        return plans[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget_module, "plan_budget", recording)
+        for _ in train_model(job):
+            pass
+    (plan,) = plans
+    size = Path(job.out).stat().st_size
+    slack = headroom(len(conv_names(load_model(job.out).model)))
+    assert plan.expected_bytes - slack - 16 <= size <= plan.expected_bytes <= job.size_budget
+
+
 def test_a_budget_needs_a_model_to_fine_tune_and_no_weight_bits(
     phantom_files: tuple[Path, Path],
     tmp_path: Path,
@@ -173,6 +212,15 @@ def test_a_budget_needs_a_model_to_fine_tune_and_no_weight_bits(
     with pytest.raises(SystemExit):
         main(["train", "--images", "a", "--labels", "b", "--out", "c", "--size-budget", "lots"])
     assert "e.g. 100KiB" in capsys.readouterr().err
+    options = ["--init", out, "--act-bits", "6", "--size-budget", "50KiB", "--save-float"]
+    code, _, err = _run(_train(phantom_files, out, *options), capsys)
+    assert code != 0 and "drop --save-float" in err
+    with pytest.raises(SettingError, match="which ternary weights do not have") as error:
+        budget_method(QuantConfig.from_bits(2, 2, "ternary"))
+    assert error.value.settings == ("size_budget",)
+    with pytest.raises(SettingError, match="leave the weight format out") as error:
+        budget_method(QuantConfig.paper())
+    assert error.value.settings == ("size_budget", "weight_format")
     assert not out.exists()
     with pytest.raises(ValueError, match="positive size"):
         TrainJob(images=("a",), labels=("b",), out="c", init="d", size_budget=0)
@@ -185,13 +233,16 @@ def test_a_budget_below_the_smallest_file_says_how_small_it_can_be(
     capsys: pytest.CaptureFixture[str],
     fast_train: list[str],
 ) -> None:
-    fp, _ = fp_and_w3
+    fp, w3 = fp_and_w3
     out = tmp_path / "small.safetensors"
     options = ["--init", fp, "--act-bits", "6", "--size-budget", "6KiB", *fast_train]
     code, _, err = _run(_train(phantom_files, out, *options), capsys)
     assert code != 0
     assert "is below the smallest file of this network with 2-bit weights" in err
     assert "(option --size-budget)" in err and not out.exists()
+    options = ["--init", w3, "--act-bits", "6", "--size-budget", "60KiB", *fast_train]
+    code, _, err = _run(_train(phantom_files, out, *options), capsys)
+    assert code != 0 and "sensitivity on a full-precision model" in err and not out.exists()
 
 
 def test_headroom_grows_with_the_layers() -> None:

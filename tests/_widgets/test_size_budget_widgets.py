@@ -41,7 +41,7 @@ def test_the_train_dock_fits_a_budget(
     assert not train.weight_bits.enabled and "fit 19 KiB" in train.format.value
     train.start.clicked()  # no FP model in the session yet: refused, with the controls named
     assert "fine-tunes this session's full-precision model" in errors[-1]
-    assert "(see: size budget (KiB), fine-tune from this session's FP model)" in errors[-1]
+    assert "(see: size budget, fine-tune from this session's FP model)" in errors[-1]
 
     train.size_budget.value = 0
     assert train.weight_bits.enabled

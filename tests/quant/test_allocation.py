@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_unetquant.config import QuantizerConfig
 from napari_unetquant.quant.allocation import (
     BIT_CHOICES,
     allocate,
@@ -81,6 +82,14 @@ def test_a_large_budget_takes_the_widest_and_a_tight_one_the_narrowest() -> None
     assert allocate(costs, scores, 3 * code_bytes(1000, 2)) == [0, 0, 0]
 
 
+def test_a_huge_capacity_costs_no_more_than_the_widest_choice() -> None:
+    """A budget far beyond the widest choices (a gigabyte) is solved in a table as long as
+    their bytes, not one entry per byte of budget."""
+    costs = [[code_bytes(10_000, b) for b in BIT_CHOICES]] * 4
+    scores = [[2.0**-b for b in BIT_CHOICES]] * 4
+    assert allocate(costs, scores, 10**9) == [len(BIT_CHOICES) - 1] * 4
+
+
 def test_packed_code_bytes() -> None:
     assert code_bytes(9, 3) == 4 and code_bytes(8, 3) == 3 and code_bytes(16, 8) == 16
 
@@ -131,7 +140,7 @@ def test_hutchinson_converges_to_the_exact_trace() -> None:
 @pytest.mark.parametrize("method", ["fixed", "lsq"])
 def test_quantization_errors_fall_with_the_bits(method: str) -> None:
     weight = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.1
-    errors = quantization_errors(weight, method)
+    errors = quantization_errors(weight, QuantizerConfig.from_bits(method, 8))
     assert len(errors) == len(BIT_CHOICES) and all(e >= 0 for e in errors)
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-2 * float((weight**2).sum())  # 8 bits: under 1% of the energy

@@ -298,7 +298,7 @@ CONTROLS = {
     "out_dir": "output folder",
     "processes": "",
     "resume": "",
-    "size_budget": "size budget (KiB)",
+    "size_budget": "size budget",
     "spacing": "",
     "weight_bits": "weight bits",
     "weight_format": "paper formats",

@@ -70,7 +70,7 @@ def budget_bytes(text: str) -> tuple[int, ...]:
     parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
         sizes = tuple(round(float(part) * 1024) for part in parts)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or infinite
         sizes = (0,)
     if any(size <= 0 for size in sizes):
         raise SettingError(
@@ -81,8 +81,9 @@ def budget_bytes(text: str) -> tuple[int, ...]:
 
 
 class SweepWidget(TrainingInputs):
-    """Train or fine-tune a list of bit configurations and plot validation Dice against stored
-    bits and model size; the table exports to CSV.
+    """Train or fine-tune a list of bit configurations (and size budgets) and plot validation
+    Dice against stored bits and against the packed file's size, with the Pareto front; the
+    table exports to CSV.
 
     Full-precision settings train first; quantized ones are fine-tuned from the sweep's FP
     model (or, when the list has none, from this session's last 2D FP model).
@@ -126,7 +127,11 @@ class SweepWidget(TrainingInputs):
             "Dice vs bits", "mean stored bits per weight (log scale)", "validation Dice", False
         )
         self.by_size = PlotWidget(
-            "Dice vs size", "stored weights (KiB, log scale)", "validation Dice", False, pareto=True
+            "Dice vs size",
+            "packed model file (KiB, log scale)",
+            "validation Dice",
+            False,
+            pareto=True,
         )
         self.by_bits.log_x = self.by_size.log_x = True
         self.add_native(self.by_bits)
@@ -204,7 +209,7 @@ class SweepWidget(TrainingInputs):
             _session.add_model(f"{event.label} (sweep)", event.model)
             self.by_bits.add_point("Dice", event.mean_weight_bits, event.dice, event.label)
             series = "Dice" if event.size_budget is None else "size budget"
-            self.by_size.add_point(series, event.stored_bytes / 1024, event.dice, event.label)
+            self.by_size.add_point(series, event.packed_bytes / 1024, event.dice, event.label)
             self.table.value = table_columns([r.row() for r in self.results])
             self.status.value = f"{event.label}: validation Dice {event.dice:.3f}"
         elif isinstance(event, StepEvent):

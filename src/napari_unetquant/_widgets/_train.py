@@ -291,7 +291,7 @@ class TrainWidget(TrainingInputs):
             self.training = event
             self.progress.max = event.trainer.config.steps
             device = event.trainer.device
-            self.status.value = f"training {event.quant.label} on {device}"
+            self.status.value = f"training {event.info.get('label', event.quant.label)} on {device}"
         elif isinstance(event, StepEvent):
             self.progress.value = event.step
             minutes, seconds = divmod(int(event.eta_seconds), 60)
@@ -308,7 +308,9 @@ class TrainWidget(TrainingInputs):
             return
         self.last_model = self.training.best()
         image_name = self.image.value.name if self.image.value is not None else "image"
-        name = _session.add_model(f"{self.last_model.quant.label} ({image_name})", self.last_model)
+        model = self.last_model
+        label = model.info.get("label", model.quant.label)
+        name = _session.add_model(f"{label} ({image_name})", model)
         dice = self.last_model.info["validation_dice"]
         scored = f"validation Dice {dice:.3f}" if dice >= 0 else "stopped before the first "
         scored += "" if dice >= 0 else "validation: no validation Dice yet"
@@ -341,7 +343,7 @@ class TrainWidget(TrainingInputs):
             notify_error(error)
             return
         size = Path(path).stat().st_size / 1024
-        label = model.quant.label
+        label = model.info.get("label", model.quant.label)
         what = (
             f"packed {label} model: weight codes at their bit width"
             if packed
@@ -378,10 +380,11 @@ def recover(training: TrainingRun, image_name: str) -> Path | None:
     if training.trainer.step == 0:
         return None
     bundle = training.best()
-    label = f"{bundle.quant.label} ({image_name}, recovered)"
+    kind = bundle.info.get("label", bundle.quant.label)
+    label = f"{kind} ({image_name}, recovered)"
     _session.add_model(label, bundle)
     stamp = str(bundle.info["created"]).replace(":", "").replace("+0000", "")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{bundle.quant.label}-{image_name}-{stamp}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{kind}-{image_name}-{stamp}")
     path = recovery_folder() / f"{name}.safetensors"
     save_model(path, bundle)
     print(

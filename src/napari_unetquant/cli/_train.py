@@ -246,8 +246,15 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
             "--size-budget chooses each layer's weight bits; drop --weight-bits and "
             "--weight-format (--quantizer still chooses fixed or lsq weights)"
         )
+    if args.size_budget is not None and args.save_float:
+        raise ValueError(
+            "--size-budget is the size of the packed model file; drop --save-float (unetquant "
+            "export --format packed writes the packed file of a float one, but a budgeted "
+            "training writes it directly)"
+        )
     quant = quant_config_from_args(args)
-    if args.size_budget is not None:  # the quantizer's weights, widths chosen per layer later
+    if args.size_budget is not None and args.quantizer in ("fixed", "lsq"):
+        # the quantizer's weights, their widths chosen per layer by the budget
         quant = quant_config_from_args(argparse.Namespace(**{**vars(args), "weight_bits": 8}))
     return TrainJob(
         images=tuple(args.images),

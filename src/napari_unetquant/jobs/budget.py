@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import LayerOverride, QuantConfig, QuantizerConfig, TrainConfig
+from ..config import FLOAT_BITS, LayerOverride, QuantConfig, QuantizerConfig, TrainConfig
 from ..errors import SettingError
 from ..modelio import SegmentationModel, packed_file_bytes, unpacked
 from ..quant import conv_names, resolve_layer_configs
@@ -58,9 +58,11 @@ class BudgetPlan:
 
     @property
     def mean_bits(self) -> float:
-        """Weight bits per allocated weight."""
-        total = sum(layer.weights for layer in self.layers)
-        return sum(layer.weights * layer.bits for layer in self.layers) / total
+        """Weight bits per quantized weight (layers left float not counted, as a uniform
+        setting's label does not count its float edges)."""
+        layers = [layer for layer in self.layers if layer.bits != FLOAT_BITS]
+        total = sum(layer.weights for layer in layers)
+        return sum(layer.weights * layer.bits for layer in layers) / max(total, 1)
 
     @property
     def label(self) -> str:
@@ -89,12 +91,18 @@ def budget_method(quant: QuantConfig) -> str:
     """The weight quantizer a budget allocates widths of: ``quant``'s, or fixed point when
     its weights are float."""
     method = "fixed" if quant.weight.is_float else quant.weight.method
-    if method not in METHODS or quant.weight.format_name:
+    if quant.weight.format_name:
         raise SettingError(
-            f"a size budget chooses each layer's weight bits, which {quant.weight.label} "
-            f"weights do not have; use fixed-point or learned-step weights",
+            f"a size budget chooses each layer's weight bits, and {quant.weight.label} fixes "
+            f"them; leave the weight format out",
             "size_budget",
-            "weight_bits",
+            "weight_format",
+        )
+    if method not in METHODS:
+        raise SettingError(
+            f"a size budget chooses each layer's weight bits, which {method} weights do not "
+            f"have; use fixed-point or learned-step weights",
+            "size_budget",
         )
     return method
 
@@ -112,6 +120,7 @@ def allocated_quant(
     (``enc2.*``) where every convolution of ``names`` (the network's) in it has the same
     width, else per layer (the file's metadata stays short)."""
     names = names or list(bits)
+    base = quant.weight if not quant.weight.is_float else QuantizerConfig.from_bits(method, 8)
     overrides = []
     done: set[str] = set()
     for name, width in bits.items():
@@ -123,8 +132,7 @@ def allocated_quant(
             pattern, done = f"{block}.*", done | set(members)
         else:
             pattern = name
-        overrides.append(LayerOverride(pattern, weight=QuantizerConfig.from_bits(method, width)))
-    base = quant.weight if not quant.weight.is_float else QuantizerConfig.from_bits(method, 8)
+        overrides.append(LayerOverride(pattern, weight=replace(base, bits=width)))
     return replace(quant, weight=base, overrides=quant.overrides + tuple(overrides))
 
 
@@ -168,66 +176,105 @@ def plan_budget(
     budget: int,
     info: Callable[[BudgetPlan], dict[str, Any]],
 ) -> BudgetPlan:
-    """The weight widths of a fine-tune of ``init`` quantized as ``quant`` whose packed file
-    fits ``budget`` bytes: every layer ``quant`` quantizes, except edge layers (which keep
-    ``quant.edge_precision``), gets one of
-    :data:`~napari_unetquant.quant.allocation.BIT_CHOICES`, minimising the summed Hessian
-    trace x quantization error. ``info(plan)``: the metadata the trained model's file will
-    carry with that plan (what the size counts). Raises :class:`SettingError` when no choice
-    fits."""
+    """The weight widths of a fine-tune of the full-precision ``init`` quantized as ``quant``
+    whose packed file fits ``budget`` bytes, minimising the summed Hessian trace x
+    quantization error. Every layer ``quant`` quantizes gets one of
+    :data:`~napari_unetquant.quant.allocation.BIT_CHOICES`; the edge layers that ``quant``
+    keeps float (the first block and the head, by default) may also stay float, so a tight
+    budget can quantize their weights to free bytes for others (their inputs stay float); edge
+    layers given bits (``edge_precision``) keep them. ``info(plan)``: the metadata the trained
+    model's file will carry with that plan (what the size counts). Raises
+    :class:`SettingError` when no choice fits."""
     method = budget_method(quant)
+    if not init.quant.is_float:
+        raise SettingError(
+            f"a size budget measures each layer's sensitivity on a full-precision model, and "
+            f"the model to fine-tune is {init.quant.label}; fine-tune its full-precision model",
+            "size_budget",
+            "init",
+        )
     source = unpacked(init)
     model = source.model
     base = allocated_quant(quant, method, {})
     resolved = resolve_layer_configs(conv_names(model), base)
     edges = {n for pattern in base.edge_layers for n in resolved if fnmatchcase(n, pattern)}
-    names = [n for n, (weight, _) in resolved.items() if not weight.is_float and n not in edges]
-    if not names:
+    names = [n for n, (weight, _) in resolved.items() if not weight.is_float or n in edges]
+    names = [n for n in names if n not in edges or resolved[n][0].is_float]
+    if not any(n not in edges for n in names):
         raise SettingError(
             "a size budget chooses the bits of quantized layers, and this setting quantizes "
             "none; quantize the weights",
             "size_budget",
         )
+    widths = {n: BIT_CHOICES + ((FLOAT_BITS,) if n in edges else ()) for n in names}
     modules = dict(model.named_modules())
     loss_fn = bce_dice_loss if config.loss == "bce_dice" else soft_dice_loss
     batches = sensitivity_batches(data, config)
     traces = hessian_traces(model, names, batches, loss_fn, SENSITIVITY_SAMPLES, config.seed)
     weights = {name: modules[name].weight.detach() for name in names}
-    costs = [[code_bytes(weights[n].numel(), b) for b in BIT_CHOICES] for n in names]
-    scores = [
-        [max(traces[n], 0.0) * e for e in quantization_errors(weights[n], method)] for n in names
-    ]
+    costs = [[_weight_bytes(weights[n].numel(), b) for b in widths[n]] for n in names]
+    scores = []
+    for n in names:
+        errors = [*quantization_errors(weights[n], base.weight, BIT_CHOICES), 0.0]
+        scores.append([max(traces[n], 0.0) * e for e in errors[: len(widths[n])]])
     act_bits = quant.act.bits
 
+    plans: dict[tuple[int, ...], BudgetPlan] = {}
+
     def plan_of(choice: list[int]) -> BudgetPlan:
-        bits = {n: BIT_CHOICES[k] for n, k in zip(names, choice, strict=True)}
+        if tuple(choice) in plans:
+            return plans[tuple(choice)]
+        bits = {n: widths[n][k] for n, k in zip(names, choice, strict=True)}
         layers = tuple(
             LayerChoice(n, weights[n].numel(), traces[n], bits[n], costs[i][choice[i]])
             for i, n in enumerate(names)
         )
-        allocated = allocated_quant(quant, method, bits, list(resolved))
+        quantized = {n: b for n, b in bits.items() if b != FLOAT_BITS}
+        allocated = allocated_quant(quant, method, quantized, list(resolved))
         plan = BudgetPlan(allocated, layers, budget, method, act_bits, 0)
         size = start_bytes(source, plan, batches[0][0], info(plan)) + headroom(len(resolved))
-        return replace(plan, expected_bytes=size)
+        plans[tuple(choice)] = replace(plan, expected_bytes=size)
+        return plans[tuple(choice)]
 
-    widest = plan_of([len(BIT_CHOICES) - 1] * len(names))
-    overhead = widest.expected_bytes - sum(row[-1] for row in costs)
-    smallest = overhead + sum(row[0] for row in costs)
-    for _ in range(8):  # the metadata's length depends a little on the choice: shrink, retry
+    def fitting(capacity: int) -> BudgetPlan | None:
+        """The best plan for ``capacity`` bytes of weights, if its whole file fits."""
         try:
-            choice = allocate(costs, scores, budget - overhead)
-        except ValueError:
-            raise SettingError(
-                f"a budget of {_kib(budget)} is below the smallest file of this network "
-                f"with {BIT_CHOICES[0]}-bit weights, {_kib(smallest)}: raise the budget, keep "
-                f"fewer float layers, or train a smaller network",
-                "size_budget",
-            ) from None
-        plan = plan_of(choice)
-        if plan.expected_bytes <= budget:
-            return plan
-        overhead += plan.expected_bytes - budget
-    raise SettingError(f"no allocation fits {_kib(budget)}; raise the budget", "size_budget")
+            plan = plan_of(allocate(costs, scores, capacity))
+        except ValueError:  # even the narrowest weights exceed the capacity
+            return None
+        return plan if plan.expected_bytes <= budget else None
+
+    # the file beyond the weights (metadata, BatchNorm, scales) depends a little on the
+    # choice: the least and the most of it bracket the capacity for the weights, and a search
+    # keeps the largest capacity whose plan fits the whole file in the budget
+    extremes = [plan_of([0] * len(names)), plan_of([len(widths[n]) - 1 for n in names])]
+    weight_bytes = [sum(row[0] for row in costs), sum(row[-1] for row in costs)]
+    overheads = [p.expected_bytes - w for p, w in zip(extremes, weight_bytes, strict=True)]
+    low, high = budget - max(overheads), budget - min(overheads) + 1
+    best, step = fitting(low), 64
+    while best is None and low >= weight_bytes[0]:  # the bracket was not wide enough
+        high, low, step = low, low - step, step * 2
+        best = fitting(low)
+    if best is None:
+        raise SettingError(
+            f"a budget of {_kib(budget)} is below the smallest file of this network with "
+            f"{BIT_CHOICES[0]}-bit weights, {_kib(extremes[0].expected_bytes)}: raise the "
+            f"budget, or train a smaller network",
+            "size_budget",
+        )
+    while high - low > 1:  # the largest capacity that fits, to the byte
+        middle = (low + high) // 2
+        plan = fitting(middle)
+        if plan is None:
+            high = middle
+        else:
+            low, best = middle, plan
+    return best
+
+
+def _weight_bytes(weights: int, bits: int) -> int:
+    """Bytes of a layer's weights: packed codes, or float32 (``FLOAT_BITS``)."""
+    return 4 * weights if bits == FLOAT_BITS else code_bytes(weights, bits)
 
 
 def start_bytes(

@@ -325,5 +325,9 @@ def _identity(job: TrainJob, run: TrainingRun) -> dict[str, Any]:
         "foreground_value": run.info["foreground_value"],
         "classes": run.info.get("classes"),
         "init": job.init,
-        **({"size_budget": job.size_budget} if job.size_budget is not None else {}),
+        **(
+            {"size_budget": job.size_budget, "bits": run.info["weight_bits_per_layer"]}
+            if job.size_budget is not None
+            else {}
+        ),
     }

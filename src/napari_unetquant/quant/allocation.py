@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -97,15 +97,15 @@ def hessian_traces(
 
 @torch.no_grad()
 def quantization_errors(
-    weight: Tensor, method: str, choices: Sequence[int] = BIT_CHOICES
+    weight: Tensor, config: QuantizerConfig, choices: Sequence[int] = BIT_CHOICES
 ) -> list[float]:
     """``||Q_b(W) - W||^2`` for each width ``b`` of ``choices``, ``Q_b`` the weight quantizer
-    of ``method`` at ``b`` bits as training builds it (dynamic fixed point chooses its step from
+    ``config`` at ``b`` bits as training builds it (dynamic fixed point chooses its step from
     ``weight``, a learned step starts from its initial value)."""
     errors = []
     for bits in choices:
-        config = QuantizerConfig.from_bits(method, bits)
-        quantizer = build_quantizer(config, "weight", weight.shape[0]).train()
+        chosen = replace(config, bits=bits)
+        quantizer = build_quantizer(chosen, "weight", weight.shape[0]).train()
         errors.append(float(((quantizer(weight) - weight) ** 2).sum()))
     return errors
 
@@ -120,6 +120,7 @@ def allocate(
     cheapest = sum(min(row) for row in costs)
     if capacity < cheapest:
         raise ValueError(f"the cheapest choices need {cheapest} bytes, over {capacity}")
+    capacity = min(capacity, sum(max(row) for row in costs))  # more changes nothing
     best = np.zeros(capacity + 1)  # best[c]: the least score of the items so far within c bytes
     picks = []
     for row_costs, row_scores in zip(costs, scores, strict=True):
@@ -130,7 +131,7 @@ def allocate(
         order = np.argsort(np.asarray(row_costs), kind="stable")  # ties: the cheaper choice
         chosen = order[np.argmin(candidates[order], axis=0)]
         best = candidates[chosen, np.arange(capacity + 1)]
-        picks.append(chosen)
+        picks.append(chosen.astype(np.int8))
     choice, left = [], capacity
     for row_costs, chosen in zip(reversed(costs), reversed(picks), strict=True):
         k = int(chosen[left])
