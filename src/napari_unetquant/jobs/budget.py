@@ -225,10 +225,7 @@ def plan_budget(
         if tuple(choice) in plans:
             return plans[tuple(choice)]
         bits = {n: widths[n][k] for n, k in zip(names, choice, strict=True)}
-        layers = tuple(
-            LayerChoice(n, weights[n].numel(), traces[n], bits[n], costs[i][choice[i]])
-            for i, n in enumerate(names)
-        )
+        layers = tuple(LayerChoice(n, weights[n].numel(), traces[n], bits[n]) for n in names)
         quantized = {n: b for n, b in bits.items() if b != FLOAT_BITS}
         allocated = allocated_quant(quant, method, quantized, list(resolved))
         plan = BudgetPlan(allocated, layers, budget, method, act_bits, 0)

@@ -142,14 +142,12 @@ def allocate(
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """One layer of an allocation: its weights, sensitivity, the width chosen and the bytes of
-    its packed codes."""
+    """One layer of an allocation: its weights, sensitivity and the width chosen (32: float)."""
 
     name: str
     weights: int
     trace: float  # Tr(H) / n: the average Hessian diagonal
     bits: int
-    code_bytes: int
 
 
 def code_bytes(weights: int, bits: int) -> int:
